@@ -1,8 +1,17 @@
 //! Sans-IO core of stomp-gateway.
+//!
+//! Nothing here touches a socket, a clock or a runtime: the [`codec`] turns
+//! bytes into [`Frame`]s and back, [`destination`] decides which path serves a
+//! destination, [`heartbeat`] negotiates heart-beats, and
+//! [`session::Session`] is the per-client relay state machine (inputs plus
+//! the current time in, actions out). The `gateway` crate does the I/O.
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod destination;
 pub mod frame;
+pub mod heartbeat;
+pub mod session;
 
 pub use codec::{encode, DecodeError, Decoder, Item, Limits};
 pub use frame::{Command, Frame, Version};

@@ -1,0 +1,1794 @@
+//! The per-client relay session as a sans-IO state machine.
+//!
+//! The I/O driver feeds it what happened (a client frame, a broker frame, a
+//! connection lost) together with the current time, and drains
+//! [`Session::poll_action`] for what to do next (send this frame to the
+//! client, to the broker, open the broker connection, close). Timers are
+//! exposed through [`Session::poll_timeout`] and fired with
+//! [`Session::handle_timeout`], so tests drive everything on a fake clock.
+//!
+//! Life of a session:
+//!
+//! ```text
+//! AwaitingConnect --CONNECT--> ConnectingBroker --broker CONNECTED--> Connected
+//!        |                          |  (client frames held, bounded)     |
+//!        +--------------------------+------------------------------------+--> Closed
+//! ```
+//!
+//! The decision "which path serves this frame" is made in one place,
+//! [`Session::route_client_frame`], using [`crate::destination::Router`].
+
+use crate::destination::{self, Route, Router};
+use crate::frame::{Command, Frame, Version};
+use crate::heartbeat::{self, HeartBeat};
+use crate::DecodeError;
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Decides who a client is from its CONNECT frame.
+pub trait Authenticate: Send + Sync + fmt::Debug {
+    /// `Ok(Some(user))`: authenticated as `user`; `Ok(None)`: anonymous is
+    /// allowed; `Err(reason)`: refused (the client gets an ERROR).
+    fn authenticate(&self, connect: &Frame) -> Result<Option<String>, String>;
+}
+
+/// A client SEND to an application destination, to be published to the
+/// application exchange by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppPublish {
+    /// Correlates [`Session::handle_publish_result`].
+    pub id: u64,
+    /// The destination without its prefix, `/` turned into `.`.
+    pub routing_key: String,
+    /// The destination as the client sent it.
+    pub destination: String,
+    /// `content-type` of the SEND, if any.
+    pub content_type: Option<String>,
+    /// The client's own headers (STOMP protocol headers and anything that
+    /// could pass for identity, `stomp-*`, removed).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+/// Headers the gateway sets on application messages; clients cannot supply them.
+pub const RESERVED_HEADER_PREFIX: &str = "stomp-";
+
+/// Settings of one session; shared by all sessions of a process.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Heart-beats offered on the client leg (gateway → client send, and
+    /// wanted from the client).
+    pub client_heartbeat: HeartBeat,
+    /// Heart-beats asked for on the broker leg.
+    pub broker_heartbeat: HeartBeat,
+    /// The client must send CONNECT within this time.
+    pub connect_timeout: Duration,
+    /// The broker must answer CONNECT (or a DISCONNECT receipt) within this time.
+    pub broker_timeout: Duration,
+    /// Active subscriptions per session.
+    pub max_subscriptions: usize,
+    /// Client frames held while the broker connection opens.
+    pub max_pending_frames: usize,
+    /// Login and passcode sent to the broker instead of the client's.
+    pub broker_login: String,
+    pub broker_passcode: String,
+    /// Sent as the broker CONNECT `host` header.
+    pub virtual_host: String,
+    /// Which path serves a destination.
+    pub router: Router,
+    /// The `server` header of CONNECTED.
+    pub server_name: String,
+    /// Whether application and user destinations are served (needs the
+    /// AMQP control plane). When false they get an ERROR.
+    pub control_plane: bool,
+    /// Exchange user destinations are bound to (direct).
+    pub user_exchange: String,
+    /// Whether clients may SEND to `/user/<name>/...`.
+    pub user_send_enabled: bool,
+    /// Application publishes awaiting a broker confirm, per session.
+    pub max_inflight_publishes: usize,
+    /// Decides who the client is; `None` means everyone is anonymous.
+    pub authenticator: Option<Arc<dyn Authenticate>>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            client_heartbeat: HeartBeat::new(10_000, 10_000),
+            broker_heartbeat: HeartBeat::new(10_000, 10_000),
+            connect_timeout: Duration::from_secs(10),
+            broker_timeout: Duration::from_secs(10),
+            max_subscriptions: 1_000,
+            max_pending_frames: 64,
+            broker_login: "guest".into(),
+            broker_passcode: "guest".into(),
+            virtual_host: "/".into(),
+            router: Router::default(),
+            server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
+            control_plane: false,
+            user_exchange: "stomp.user".into(),
+            user_send_enabled: false,
+            max_inflight_publishes: 256,
+            authenticator: None,
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Open a broker connection and send this CONNECT frame on it first.
+    ConnectBroker(Frame),
+    /// Send a frame to the broker (encode with [`Session::broker_version`]).
+    ToBroker(Frame),
+    /// Send a heart-beat EOL to the broker.
+    BrokerHeartbeat,
+    /// Send a frame to the client (encode with [`Session::client_version`]).
+    ToClient(Frame),
+    /// Send a heart-beat EOL to the client.
+    ClientHeartbeat,
+    /// Close the broker connection once what was queued before is written.
+    CloseBroker,
+    /// Close the client connection once what was queued before is written.
+    CloseClient(CloseReason),
+    /// Publish to the application exchange with a publisher confirm, then
+    /// call [`Session::handle_publish_result`].
+    Publish(AppPublish),
+}
+
+/// Why a session ended; one line in the log, and the WebSocket close code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The client's connection went away.
+    ClientGone,
+    /// The client broke the protocol or a limit.
+    ClientError(String),
+    /// No CONNECT in time.
+    ConnectTimeout,
+    /// The client stopped sending heart-beats.
+    ClientHeartbeatTimeout,
+    /// The broker sent an ERROR frame.
+    BrokerError(String),
+    /// The broker connection failed, was refused or went silent.
+    BrokerLost(String),
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The WebSocket close code for this reason (RFC 6455, 7.4.1).
+    pub fn ws_code(&self) -> u16 {
+        match self {
+            CloseReason::ClientDisconnect | CloseReason::ClientGone => 1000,
+            CloseReason::Shutdown => 1001,
+            CloseReason::ClientError(_)
+            | CloseReason::ConnectTimeout
+            | CloseReason::ClientHeartbeatTimeout => 1002,
+            CloseReason::BrokerError(_) | CloseReason::BrokerLost(_) => 1011,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::ClientDisconnect => f.write_str("client sent DISCONNECT"),
+            CloseReason::ClientGone => f.write_str("client connection closed"),
+            CloseReason::ClientError(m) => write!(f, "client error: {m}"),
+            CloseReason::ConnectTimeout => f.write_str("no CONNECT frame in time"),
+            CloseReason::ClientHeartbeatTimeout => f.write_str("client heart-beat timeout"),
+            CloseReason::BrokerError(m) => write!(f, "broker error: {m}"),
+            CloseReason::BrokerLost(m) => write!(f, "broker connection lost: {m}"),
+            CloseReason::Shutdown => f.write_str("gateway shutting down"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    AwaitingConnect,
+    ConnectingBroker,
+    Connected,
+    /// DISCONNECT with a receipt forwarded; waiting for the broker's RECEIPT.
+    Disconnecting {
+        receipt: String,
+    },
+    Closed,
+}
+
+/// One client session. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    config: std::sync::Arc<SessionConfig>,
+    id: String,
+    state: State,
+    /// Version negotiated with the client (escaping rules on the client leg).
+    client_version: Version,
+    /// Version the broker answered with.
+    broker_version: Version,
+    actions: VecDeque<Action>,
+    pending: VecDeque<Frame>,
+    subscriptions: HashSet<String>,
+    close_reason: Option<CloseReason>,
+    /// Timer base for CONNECT / broker answer deadlines.
+    phase_started: Instant,
+    client_send: Option<Duration>,
+    client_receive: Option<Duration>,
+    broker_send: Option<Duration>,
+    broker_receive: Option<Duration>,
+    last_client_rx: Instant,
+    last_client_tx: Instant,
+    last_broker_rx: Instant,
+    last_broker_tx: Instant,
+    client_heartbeat: HeartBeat,
+    /// Authenticated user, if any.
+    user: Option<String>,
+    /// Subscription id → destination the client asked for, for user
+    /// destinations (rewritten back on MESSAGE).
+    user_subscriptions: HashMap<String, String>,
+    /// Application publishes awaiting a confirm: id → receipt to send.
+    inflight: HashMap<u64, Option<String>>,
+    next_publish_id: u64,
+    /// A DISCONNECT waiting for in-flight publishes to be confirmed.
+    deferred_disconnect: Option<Frame>,
+}
+
+impl Session {
+    /// A new session whose client connection opened at `now`.
+    pub fn new(
+        config: std::sync::Arc<SessionConfig>,
+        id: impl Into<String>,
+        now: Instant,
+    ) -> Session {
+        Session {
+            config,
+            id: id.into(),
+            state: State::AwaitingConnect,
+            client_version: Version::V1_2,
+            broker_version: Version::V1_2,
+            actions: VecDeque::new(),
+            pending: VecDeque::new(),
+            subscriptions: HashSet::new(),
+            close_reason: None,
+            phase_started: now,
+            client_send: None,
+            client_receive: None,
+            broker_send: None,
+            broker_receive: None,
+            last_client_rx: now,
+            last_client_tx: now,
+            last_broker_rx: now,
+            last_broker_tx: now,
+            client_heartbeat: HeartBeat::default(),
+            user: None,
+            user_subscriptions: HashMap::new(),
+            inflight: HashMap::new(),
+            next_publish_id: 1,
+            deferred_disconnect: None,
+        }
+    }
+
+    /// The authenticated user, if the client authenticated.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The name user destinations resolve with: the authenticated user, or
+    /// a per-session identity for anonymous clients (as in Spring).
+    pub fn principal(&self) -> String {
+        match &self.user {
+            Some(u) => u.clone(),
+            None => format!("session-{}", self.id),
+        }
+    }
+
+    /// Application publishes awaiting a broker confirm.
+    pub fn inflight_publishes(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// The broker confirmed (`Ok`) or refused (`Err(reason)`) publish `id`.
+    pub fn handle_publish_result(&mut self, now: Instant, id: u64, result: Result<(), String>) {
+        let Some(receipt) = self.inflight.remove(&id) else {
+            return;
+        };
+        if self.state == State::Closed {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                if let Some(r) = receipt {
+                    self.emit_client(
+                        now,
+                        Frame::new(Command::Receipt).with_header("receipt-id", r),
+                    );
+                }
+                if self.inflight.is_empty() {
+                    if let Some(d) = self.deferred_disconnect.take() {
+                        self.route_client_frame(now, d);
+                    }
+                }
+            }
+            Err(reason) => self.client_error(now, "message not delivered", reason),
+        }
+    }
+
+    /// The session id (sent to the client in CONNECTED `session`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Escaping rules for frames to and from the client.
+    pub fn client_version(&self) -> Version {
+        self.client_version
+    }
+
+    /// Escaping rules for frames to and from the broker.
+    pub fn broker_version(&self) -> Version {
+        self.broker_version
+    }
+
+    /// True once CONNECTED was sent to the client and the session is relaying.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.state, State::Connected | State::Disconnecting { .. })
+    }
+
+    /// True once the session has ended; the driver stops after flushing.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Why the session ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.close_reason.as_ref()
+    }
+
+    /// Active subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Negotiated client-leg heart-beats (send, receive).
+    pub fn client_heartbeats(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.client_send, self.client_receive)
+    }
+
+    /// Negotiated broker-leg heart-beats (send, receive).
+    pub fn broker_heartbeats(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.broker_send, self.broker_receive)
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    // ----- inputs from the client ---------------------------------------
+
+    /// Bytes (a frame or a heart-beat) arrived from the client.
+    pub fn handle_client_activity(&mut self, now: Instant) {
+        self.last_client_rx = now;
+    }
+
+    /// A complete frame arrived from the client.
+    pub fn handle_client_frame(&mut self, now: Instant, frame: Frame) {
+        self.last_client_rx = now;
+        match self.state {
+            State::AwaitingConnect => self.on_connect(now, frame),
+            State::ConnectingBroker => {
+                if matches!(frame.command, Command::Connect | Command::Stomp) {
+                    return self.client_error(now, "already connected", "");
+                }
+                if self.pending.len() >= self.config.max_pending_frames {
+                    let limit = self.config.max_pending_frames;
+                    return self.client_error(
+                        now,
+                        "too many frames before the broker connection was ready",
+                        format!(
+                            "at most {limit} frames are held while the broker connection opens"
+                        ),
+                    );
+                }
+                self.pending.push_back(frame);
+            }
+            State::Connected => self.route_client_frame(now, frame),
+            State::Disconnecting { .. } | State::Closed => {}
+        }
+    }
+
+    /// The client's bytes could not be decoded.
+    pub fn handle_client_decode_error(&mut self, now: Instant, error: &DecodeError) {
+        if self.state != State::Closed {
+            self.client_error(now, &error.to_string(), "");
+        }
+    }
+
+    /// The client connection went away (closed, reset or failed).
+    pub fn handle_client_closed(&mut self, _now: Instant) {
+        match self.state {
+            State::Closed => {}
+            State::AwaitingConnect => self.finish(CloseReason::ClientGone, false),
+            State::ConnectingBroker => {
+                self.actions.push_back(Action::CloseBroker);
+                self.finish(CloseReason::ClientGone, false);
+            }
+            State::Connected | State::Disconnecting { .. } => {
+                self.actions
+                    .push_back(Action::ToBroker(Frame::new(Command::Disconnect)));
+                self.actions.push_back(Action::CloseBroker);
+                self.finish(CloseReason::ClientGone, false);
+            }
+        }
+    }
+
+    /// The gateway is shutting down: tell the client and close both legs.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.emit_client(
+            now,
+            Frame::error(
+                "server shutting down",
+                "the gateway is restarting; reconnect to continue",
+            ),
+        );
+        self.close_broker_leg();
+        self.finish(CloseReason::Shutdown, true);
+    }
+
+    // ----- inputs from the broker ---------------------------------------
+
+    /// Bytes arrived from the broker.
+    pub fn handle_broker_activity(&mut self, now: Instant) {
+        self.last_broker_rx = now;
+    }
+
+    /// A frame arrived from the broker.
+    pub fn handle_broker_frame(&mut self, now: Instant, frame: Frame) {
+        self.last_broker_rx = now;
+        match (&self.state, frame.command) {
+            (State::ConnectingBroker, Command::Connected) => self.on_broker_connected(now, frame),
+            (State::Closed, _) | (State::AwaitingConnect, _) => {}
+            (_, Command::Error) => {
+                let message = frame.header("message").unwrap_or("(no message)").to_owned();
+                self.emit_client(now, frame);
+                self.actions.push_back(Action::CloseBroker);
+                self.finish(CloseReason::BrokerError(message), true);
+            }
+            (State::Connected, Command::Message) => {
+                let frame = self.rewrite_user_message(frame);
+                self.emit_client(now, frame)
+            }
+            (State::Connected, Command::Receipt) => self.emit_client(now, frame),
+            (State::Disconnecting { receipt }, Command::Receipt) => {
+                let done = frame.header("receipt-id") == Some(receipt.as_str());
+                self.emit_client(now, frame);
+                if done {
+                    self.actions.push_back(Action::CloseBroker);
+                    self.finish(CloseReason::ClientDisconnect, true);
+                }
+            }
+            (State::Disconnecting { .. }, Command::Message) => {
+                let frame = self.rewrite_user_message(frame);
+                self.emit_client(now, frame)
+            }
+            // Anything else from the broker (a second CONNECTED, a client
+            // command) has no meaning for the client; drop it.
+            _ => {}
+        }
+    }
+
+    /// The broker connection could not be opened, or was lost.
+    pub fn handle_broker_failed(&mut self, now: Instant, reason: &str) {
+        match self.state {
+            State::Closed => {}
+            State::AwaitingConnect => {}
+            _ => {
+                self.emit_client(
+                    now,
+                    Frame::error(
+                        "broker unavailable",
+                        format!("the connection to the message broker failed: {reason}"),
+                    ),
+                );
+                self.actions.push_back(Action::CloseBroker);
+                self.finish(CloseReason::BrokerLost(reason.to_owned()), true);
+            }
+        }
+    }
+
+    // ----- time ---------------------------------------------------------
+
+    /// The earliest time [`Session::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            next = Some(match next {
+                Some(n) if n <= t => n,
+                _ => t,
+            })
+        };
+        match self.state {
+            State::Closed => return None,
+            State::AwaitingConnect => consider(self.phase_started + self.config.connect_timeout),
+            State::ConnectingBroker | State::Disconnecting { .. } => {
+                consider(self.phase_started + self.config.broker_timeout)
+            }
+            State::Connected => {}
+        }
+        if self.is_connected() {
+            if let Some(i) = self.client_send {
+                consider(self.last_client_tx + i);
+            }
+            if let Some(i) = self.client_receive {
+                consider(self.last_client_rx + heartbeat::receive_deadline(i));
+            }
+            if let Some(i) = self.broker_send {
+                consider(self.last_broker_tx + i);
+            }
+            if let Some(i) = self.broker_receive {
+                consider(self.last_broker_rx + heartbeat::receive_deadline(i));
+            }
+        }
+        next
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Closed => return,
+            State::AwaitingConnect => {
+                if now >= self.phase_started + self.config.connect_timeout {
+                    let ms = self.config.connect_timeout.as_millis();
+                    self.emit_client(
+                        now,
+                        Frame::error(
+                            "no CONNECT frame received",
+                            format!("a CONNECT frame must arrive within {ms} ms"),
+                        ),
+                    );
+                    self.finish(CloseReason::ConnectTimeout, true);
+                }
+                return;
+            }
+            State::ConnectingBroker => {
+                if now >= self.phase_started + self.config.broker_timeout {
+                    let ms = self.config.broker_timeout.as_millis();
+                    self.handle_broker_failed(
+                        now,
+                        &format!("no CONNECTED from the broker within {ms} ms"),
+                    );
+                }
+                return;
+            }
+            State::Disconnecting { .. } => {
+                if now >= self.phase_started + self.config.broker_timeout {
+                    let ms = self.config.broker_timeout.as_millis();
+                    self.handle_broker_failed(
+                        now,
+                        &format!("no RECEIPT for DISCONNECT within {ms} ms"),
+                    );
+                    return;
+                }
+            }
+            State::Connected => {}
+        }
+        if let Some(i) = self.client_receive {
+            if now >= self.last_client_rx + heartbeat::receive_deadline(i) {
+                let ms = i.as_millis();
+                self.emit_client(
+                    now,
+                    Frame::error(
+                        "heart-beat timeout",
+                        format!(
+                            "nothing received from the client for over {} ms (negotiated {ms} ms)",
+                            ms * 2
+                        ),
+                    ),
+                );
+                self.close_broker_leg();
+                self.finish(CloseReason::ClientHeartbeatTimeout, true);
+                return;
+            }
+        }
+        if let Some(i) = self.broker_receive {
+            if now >= self.last_broker_rx + heartbeat::receive_deadline(i) {
+                let ms = i.as_millis() * 2;
+                self.handle_broker_failed(
+                    now,
+                    &format!("no heart-beat from the broker for over {ms} ms"),
+                );
+                return;
+            }
+        }
+        if let Some(i) = self.client_send {
+            if now >= self.last_client_tx + i {
+                self.actions.push_back(Action::ClientHeartbeat);
+                self.last_client_tx = now;
+            }
+        }
+        if let Some(i) = self.broker_send {
+            if now >= self.last_broker_tx + i {
+                self.actions.push_back(Action::BrokerHeartbeat);
+                self.last_broker_tx = now;
+            }
+        }
+    }
+
+    // ----- internals ----------------------------------------------------
+
+    fn on_connect(&mut self, now: Instant, frame: Frame) {
+        if !matches!(frame.command, Command::Connect | Command::Stomp) {
+            let cmd = frame.command;
+            return self.client_error(
+                now,
+                "expected a CONNECT frame",
+                format!("the first frame must be CONNECT or STOMP, not {cmd}"),
+            );
+        }
+        let version = match negotiate_version(frame.header("accept-version")) {
+            Some(v) => v,
+            None => {
+                let asked = frame.header("accept-version").unwrap_or("").to_owned();
+                return self.client_error(
+                    now,
+                    "unsupported STOMP version",
+                    format!("client accepts {asked:?}; this server supports 1.0, 1.1 and 1.2"),
+                );
+            }
+        };
+        self.client_version = version;
+        self.broker_version = version;
+        let client_hb = match HeartBeat::parse(frame.header("heart-beat")) {
+            Ok(hb) => hb,
+            Err(e) => return self.client_error(now, &e.to_string(), ""),
+        };
+        self.client_heartbeat = client_hb;
+        if let Some(auth) = self.config.authenticator.clone() {
+            match auth.authenticate(&frame) {
+                Ok(user) => self.user = user,
+                Err(reason) => return self.client_error(now, "authentication failed", reason),
+            }
+        }
+        let connect = Frame::new(Command::Connect)
+            .with_header("accept-version", version.as_str())
+            .with_header("host", self.config.virtual_host.clone())
+            .with_header("login", self.config.broker_login.clone())
+            .with_header("passcode", self.config.broker_passcode.clone())
+            .with_header("heart-beat", self.config.broker_heartbeat.header_value());
+        self.state = State::ConnectingBroker;
+        self.phase_started = now;
+        self.last_broker_tx = now;
+        self.last_broker_rx = now;
+        self.actions.push_back(Action::ConnectBroker(connect));
+    }
+
+    fn on_broker_connected(&mut self, now: Instant, frame: Frame) {
+        if let Some(v) = frame.header("version").and_then(Version::parse) {
+            self.broker_version = v;
+        } else {
+            // A broker that omits `version` speaks 1.0.
+            self.broker_version = Version::V1_0;
+        }
+        let broker_hb = HeartBeat::parse(frame.header("heart-beat")).unwrap_or_default();
+        let b = heartbeat::negotiate(self.config.broker_heartbeat, broker_hb);
+        self.broker_send = b.send;
+        self.broker_receive = b.receive;
+        if self.client_version >= Version::V1_1 {
+            let c = heartbeat::negotiate(self.config.client_heartbeat, self.client_heartbeat);
+            self.client_send = c.send;
+            self.client_receive = c.receive;
+        }
+        self.state = State::Connected;
+        self.last_client_rx = now;
+        let mut connected = Frame::new(Command::Connected)
+            .with_header("version", self.client_version.as_str())
+            .with_header("server", self.config.server_name.clone())
+            .with_header("session", self.id.clone());
+        if self.client_version >= Version::V1_1 {
+            connected =
+                connected.with_header("heart-beat", self.config.client_heartbeat.header_value());
+        }
+        if let Some(user) = &self.user {
+            connected = connected.with_header("user-name", user.clone());
+        }
+        self.emit_client(now, connected);
+        while let Some(f) = self.pending.pop_front() {
+            if self.state != State::Connected {
+                break;
+            }
+            self.route_client_frame(now, f);
+        }
+        self.pending.clear();
+    }
+
+    /// The single place that decides which path serves a client frame.
+    fn route_client_frame(&mut self, now: Instant, frame: Frame) {
+        match frame.command {
+            Command::Send => {
+                let Some(dest) = frame.header("destination") else {
+                    return self.client_error(now, "SEND frame has no destination header", "");
+                };
+                match self.config.router.route(dest) {
+                    Route::Relay => self.emit_broker(now, frame),
+                    Route::App if self.config.control_plane => self.on_app_send(now, frame),
+                    Route::User if self.config.control_plane => self.on_user_send(now, frame),
+                    route => self.reject_route(now, route, dest.to_owned()),
+                }
+            }
+            Command::Subscribe => self.on_subscribe(now, frame),
+            Command::Unsubscribe => self.on_unsubscribe(now, frame),
+            Command::Ack | Command::Nack | Command::Begin | Command::Commit | Command::Abort => {
+                self.emit_broker(now, frame)
+            }
+            Command::Disconnect if !self.inflight.is_empty() => {
+                // Answer only once every application publish is confirmed.
+                self.deferred_disconnect = Some(frame);
+            }
+            Command::Disconnect => {
+                let receipt = frame.header("receipt").map(str::to_owned);
+                self.emit_broker(now, frame);
+                match receipt {
+                    Some(receipt) => {
+                        self.state = State::Disconnecting { receipt };
+                        self.phase_started = now;
+                    }
+                    None => {
+                        self.actions.push_back(Action::CloseBroker);
+                        self.finish(CloseReason::ClientDisconnect, true);
+                    }
+                }
+            }
+            Command::Connect | Command::Stomp => self.client_error(now, "already connected", ""),
+            Command::Connected | Command::Message | Command::Receipt | Command::Error => {
+                let cmd = frame.command;
+                self.client_error(now, &format!("clients may not send {cmd} frames"), "")
+            }
+        }
+    }
+
+    fn on_subscribe(&mut self, now: Instant, mut frame: Frame) {
+        let Some(dest) = frame.header("destination").map(str::to_owned) else {
+            return self.client_error(now, "SUBSCRIBE frame has no destination header", "");
+        };
+        let key = match (frame.header("id"), self.client_version) {
+            (Some(id), _) => id.to_owned(),
+            // STOMP 1.0 makes `id` optional; the destination names the subscription.
+            (None, Version::V1_0) => dest.clone(),
+            (None, _) => return self.client_error(now, "SUBSCRIBE frame has no id header", ""),
+        };
+        if self.subscriptions.contains(&key) {
+            return self.client_error(
+                now,
+                &format!("subscription id {key:?} is already in use"),
+                "",
+            );
+        }
+        if self.subscriptions.len() >= self.config.max_subscriptions {
+            let limit = self.config.max_subscriptions;
+            return self.client_error(
+                now,
+                &format!("too many subscriptions (limit {limit} per session)"),
+                "",
+            );
+        }
+        match self.config.router.route(&dest) {
+            Route::Relay => {}
+            Route::User if self.config.control_plane => {
+                // `/user/queue/x` becomes this session's own auto-delete
+                // queue bound to the user exchange with the user's key.
+                let rest = self
+                    .config
+                    .router
+                    .user_prefix()
+                    .and_then(|p| dest.strip_prefix(p));
+                let Some(rest) = rest else {
+                    return self.reject_route(now, Route::Unroutable, dest);
+                };
+                let routing_key = destination::user_routing_key(&self.principal(), rest);
+                let relayed = format!("/exchange/{}/{routing_key}", self.config.user_exchange);
+                frame.set_header("destination", relayed);
+                self.user_subscriptions.insert(key.clone(), dest);
+            }
+            route => return self.reject_route(now, route, dest),
+        }
+        self.subscriptions.insert(key);
+        self.emit_broker(now, frame);
+    }
+
+    fn on_unsubscribe(&mut self, now: Instant, frame: Frame) {
+        let key = match (
+            frame.header("id"),
+            frame.header("destination"),
+            self.client_version,
+        ) {
+            (Some(id), _, _) => id.to_owned(),
+            (None, Some(dest), Version::V1_0) => dest.to_owned(),
+            _ => return self.client_error(now, "UNSUBSCRIBE frame has no id header", ""),
+        };
+        if self.subscriptions.remove(&key) {
+            self.user_subscriptions.remove(&key);
+            self.emit_broker(now, frame);
+        } else if let Some(receipt) = frame.header("receipt") {
+            // Never forwarded: RabbitMQ closes the connection on an unknown
+            // id. The client still gets its receipt; there is nothing to undo.
+            let r = Frame::new(Command::Receipt).with_header("receipt-id", receipt);
+            self.emit_client(now, r);
+        }
+    }
+
+    fn on_app_send(&mut self, now: Instant, frame: Frame) {
+        let dest = frame.header("destination").unwrap_or_default().to_owned();
+        if frame.header("transaction").is_some() {
+            return self.client_error(
+                now,
+                "transactions are not supported for application destinations",
+                format!("SEND to {dest} carried a transaction header"),
+            );
+        }
+        let routing_key = self
+            .config
+            .router
+            .app_prefixes()
+            .iter()
+            .find_map(|p| destination::app_routing_key(p, &dest));
+        let Some(routing_key) = routing_key else {
+            return self.reject_route(now, Route::Unroutable, dest);
+        };
+        if self.inflight.len() >= self.config.max_inflight_publishes {
+            let limit = self.config.max_inflight_publishes;
+            return self.client_error(
+                now,
+                &format!("too many unconfirmed application messages (limit {limit})"),
+                "wait for receipts before sending more",
+            );
+        }
+        let id = self.next_publish_id;
+        self.next_publish_id += 1;
+        let receipt = frame.header("receipt").map(str::to_owned);
+        let content_type = frame.header("content-type").map(str::to_owned);
+        let headers = client_headers(&frame.headers);
+        self.inflight.insert(id, receipt);
+        self.actions.push_back(Action::Publish(AppPublish {
+            id,
+            routing_key,
+            destination: dest,
+            content_type,
+            headers,
+            body: frame.body,
+        }));
+    }
+
+    fn on_user_send(&mut self, now: Instant, mut frame: Frame) {
+        let dest = frame.header("destination").unwrap_or_default().to_owned();
+        if !self.config.user_send_enabled {
+            return self.client_error(
+                now,
+                &format!("sending to user destination {dest:?} is not allowed"),
+                "clients may not send to other users' destinations (user.client_send_enabled = false)",
+            );
+        }
+        let split = self
+            .config
+            .router
+            .user_prefix()
+            .and_then(|p| destination::split_user_send(p, &dest));
+        let Some((user, rest)) = split else {
+            return self.client_error(
+                now,
+                &format!("invalid user destination {dest:?}"),
+                "SEND to a user destination needs the form /user/<name>/<destination>",
+            );
+        };
+        let key = destination::user_routing_key(&user, &rest);
+        frame.set_header(
+            "destination",
+            format!("/exchange/{}/{key}", self.config.user_exchange),
+        );
+        self.emit_broker(now, frame);
+    }
+
+    /// Gives a MESSAGE of a user-destination subscription the destination
+    /// the client subscribed to.
+    fn rewrite_user_message(&self, mut frame: Frame) -> Frame {
+        if self.user_subscriptions.is_empty() {
+            return frame;
+        }
+        let original = frame
+            .header("subscription")
+            .and_then(|id| self.user_subscriptions.get(id))
+            .cloned();
+        if let Some(original) = original {
+            frame.set_header("destination", original);
+        }
+        frame
+    }
+
+    fn reject_route(&mut self, now: Instant, route: Route, dest: String) {
+        match route {
+            Route::Relay => {}
+            Route::App => self.client_error(
+                now,
+                &format!("application destination {dest:?} is not served"),
+                "application destinations are published to backends over AMQP, which this gateway build does not provide yet",
+            ),
+            Route::User => self.client_error(
+                now,
+                &format!("user destination {dest:?} is not served"),
+                "user destinations need the AMQP control plane, which this gateway build does not provide yet",
+            ),
+            Route::Unroutable => {
+                let prefixes = self.config.router.relay_prefixes().join(", ");
+                self.client_error(
+                    now,
+                    &format!("no route for destination {dest:?}"),
+                    format!("destinations must start with one of: {prefixes}"),
+                )
+            }
+        }
+    }
+
+    fn emit_client(&mut self, now: Instant, frame: Frame) {
+        self.last_client_tx = now;
+        self.actions.push_back(Action::ToClient(frame));
+    }
+
+    fn emit_broker(&mut self, now: Instant, frame: Frame) {
+        self.last_broker_tx = now;
+        self.actions.push_back(Action::ToBroker(frame));
+    }
+
+    /// ERROR to the client, then close both legs.
+    fn client_error(&mut self, now: Instant, message: &str, details: impl Into<String>) {
+        self.emit_client(now, Frame::error(message, details));
+        self.close_broker_leg();
+        self.finish(CloseReason::ClientError(message.to_owned()), true);
+    }
+
+    fn close_broker_leg(&mut self) {
+        match self.state {
+            State::Connected | State::Disconnecting { .. } => {
+                self.actions
+                    .push_back(Action::ToBroker(Frame::new(Command::Disconnect)));
+                self.actions.push_back(Action::CloseBroker);
+            }
+            State::ConnectingBroker => self.actions.push_back(Action::CloseBroker),
+            State::AwaitingConnect | State::Closed => {}
+        }
+    }
+
+    fn finish(&mut self, reason: CloseReason, close_client: bool) {
+        if close_client {
+            self.actions.push_back(Action::CloseClient(reason.clone()));
+        }
+        self.close_reason = Some(reason);
+        self.state = State::Closed;
+        self.pending.clear();
+    }
+}
+
+/// The headers of a client SEND that travel to backends: everything but
+/// the STOMP protocol headers and the reserved `stomp-*` identity headers.
+fn client_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
+    let mut seen = HashSet::new();
+    headers
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "destination" | "receipt" | "content-length" | "content-type" | "transaction"
+            ) && !k.to_ascii_lowercase().starts_with(RESERVED_HEADER_PREFIX)
+        })
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .cloned()
+        .collect()
+}
+
+/// The highest version both sides speak. No `accept-version` means 1.0.
+pub fn negotiate_version(accept_version: Option<&str>) -> Option<Version> {
+    match accept_version {
+        None => Some(Version::V1_0),
+        Some(list) => list.split(',').filter_map(Version::parse).max(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn config() -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            client_heartbeat: HeartBeat::new(1_000, 1_000),
+            broker_heartbeat: HeartBeat::new(5_000, 5_000),
+            connect_timeout: Duration::from_secs(3),
+            broker_timeout: Duration::from_secs(4),
+            max_subscriptions: 2,
+            max_pending_frames: 2,
+            broker_login: "relay".into(),
+            broker_passcode: "secret".into(),
+            virtual_host: "vh".into(),
+            ..SessionConfig::default()
+        })
+    }
+
+    fn drain(s: &mut Session) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn connect_frame(hb: &str) -> Frame {
+        Frame::new(Command::Connect)
+            .with_header("accept-version", "1.1,1.2")
+            .with_header("host", "whatever")
+            .with_header("login", "evil")
+            .with_header("passcode", "wrong")
+            .with_header("heart-beat", hb)
+    }
+
+    /// A session through CONNECT and the broker's CONNECTED at `t0`.
+    fn connected(t0: Instant, hb: &str) -> Session {
+        let mut s = Session::new(config(), "s1", t0);
+        s.handle_client_frame(t0, connect_frame(hb));
+        let acts = drain(&mut s);
+        assert!(
+            matches!(acts.as_slice(), [Action::ConnectBroker(_)]),
+            "{acts:?}"
+        );
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Connected)
+                .with_header("version", "1.2")
+                .with_header("heart-beat", "5000,5000"),
+        );
+        let acts = drain(&mut s);
+        match acts.as_slice() {
+            [Action::ToClient(f)] => assert_eq!(f.command, Command::Connected),
+            other => panic!("{other:?}"),
+        }
+        s
+    }
+
+    fn error_then_close(acts: &[Action]) -> (String, CloseReason) {
+        let msg = acts
+            .iter()
+            .find_map(|a| match a {
+                Action::ToClient(f) if f.command == Command::Error => {
+                    f.header("message").map(str::to_owned)
+                }
+                _ => None,
+            })
+            .expect("an ERROR frame");
+        let reason = match acts.last() {
+            Some(Action::CloseClient(r)) => r.clone(),
+            other => panic!("last action should close the client: {other:?}"),
+        };
+        (msg, reason)
+    }
+
+    #[test]
+    fn connect_replaces_credentials_and_negotiates() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s1", t0);
+        s.handle_client_frame(t0, connect_frame("2000,500"));
+        let acts = drain(&mut s);
+        let Action::ConnectBroker(c) = &acts[0] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(c.header("login"), Some("relay"));
+        assert_eq!(c.header("passcode"), Some("secret"));
+        assert_eq!(c.header("host"), Some("vh"));
+        assert_eq!(c.header("accept-version"), Some("1.2"));
+        assert_eq!(c.header("heart-beat"), Some("5000,5000"));
+        assert_eq!(s.client_version(), Version::V1_2);
+
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Connected)
+                .with_header("version", "1.2")
+                .with_header("heart-beat", "0,10000"),
+        );
+        let acts = drain(&mut s);
+        let Action::ToClient(c) = &acts[0] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(c.header("version"), Some("1.2"));
+        assert_eq!(c.header("heart-beat"), Some("1000,1000"));
+        assert_eq!(c.header("session"), Some("s1"));
+        assert!(s.is_connected());
+        // client offers to send every 2000, wants every 500: we send every
+        // max(1000, 500), expect every max(1000, 2000).
+        assert_eq!(s.client_heartbeats(), (Some(1_000 * MS), Some(2_000 * MS)));
+        // broker: cannot send, wants every 10 s.
+        assert_eq!(s.broker_heartbeats(), (Some(10_000 * MS), None));
+    }
+
+    #[test]
+    fn version_negotiation() {
+        assert_eq!(negotiate_version(None), Some(Version::V1_0));
+        assert_eq!(negotiate_version(Some("1.0,1.1")), Some(Version::V1_1));
+        assert_eq!(negotiate_version(Some("1.2,1.0")), Some(Version::V1_2));
+        assert_eq!(negotiate_version(Some("2.0")), None);
+
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Connect).with_header("accept-version", "2.0"),
+        );
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "unsupported STOMP version");
+        assert!(matches!(reason, CloseReason::ClientError(_)));
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn first_frame_must_be_connect() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send).with_header("destination", "/topic/a"),
+        );
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "expected a CONNECT frame");
+    }
+
+    #[test]
+    fn frames_before_connected_are_held_then_relayed_in_order() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_frame(t0, connect_frame("0,0"));
+        drain(&mut s);
+        let sub = Frame::new(Command::Subscribe)
+            .with_header("id", "0")
+            .with_header("destination", "/topic/a");
+        let send = Frame::new(Command::Send)
+            .with_header("destination", "/topic/a")
+            .with_body("hi");
+        s.handle_client_frame(t0, sub.clone());
+        s.handle_client_frame(t0, send.clone());
+        assert!(drain(&mut s).is_empty());
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Connected).with_header("version", "1.2"),
+        );
+        let acts = drain(&mut s);
+        assert!(matches!(&acts[0], Action::ToClient(f) if f.command == Command::Connected));
+        assert_eq!(acts[1], Action::ToBroker(sub));
+        assert_eq!(acts[2], Action::ToBroker(send));
+        assert_eq!(acts.len(), 3);
+    }
+
+    #[test]
+    fn held_frames_are_bounded() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_frame(t0, connect_frame("0,0"));
+        drain(&mut s);
+        for _ in 0..3 {
+            s.handle_client_frame(
+                t0,
+                Frame::new(Command::Begin).with_header("transaction", "t"),
+            );
+        }
+        let acts = drain(&mut s);
+        let (msg, _) = error_then_close(&acts);
+        assert!(msg.contains("too many frames"), "{msg}");
+        assert!(acts.contains(&Action::CloseBroker));
+    }
+
+    #[test]
+    fn unroutable_app_and_user_destinations_are_rejected() {
+        let t0 = Instant::now();
+        for (dest, want) in [
+            ("/nowhere/x", "no route for destination \"/nowhere/x\""),
+            (
+                "/app/chat.send",
+                "application destination \"/app/chat.send\" is not served",
+            ),
+            (
+                "/user/queue/n",
+                "user destination \"/user/queue/n\" is not served",
+            ),
+        ] {
+            let mut s = connected(t0, "0,0");
+            s.handle_client_frame(
+                t0,
+                Frame::new(Command::Send).with_header("destination", dest),
+            );
+            let acts = drain(&mut s);
+            let (msg, _) = error_then_close(&acts);
+            assert_eq!(msg, want);
+            // The broker leg is closed cleanly, and nothing was relayed.
+            assert_eq!(acts[1], Action::ToBroker(Frame::new(Command::Disconnect)));
+            assert_eq!(acts[2], Action::CloseBroker);
+        }
+    }
+
+    #[test]
+    fn send_without_destination_is_an_error() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, Frame::new(Command::Send));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "SEND frame has no destination header");
+    }
+
+    #[test]
+    fn subscriptions_are_tracked_and_unknown_unsubscribe_is_not_forwarded() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        let sub = |id: &str| {
+            Frame::new(Command::Subscribe)
+                .with_header("id", id)
+                .with_header("destination", "/queue/q")
+        };
+        s.handle_client_frame(t0, sub("a"));
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(sub("a"))]);
+        assert_eq!(s.subscription_count(), 1);
+
+        let unsub_unknown = Frame::new(Command::Unsubscribe)
+            .with_header("id", "zzz")
+            .with_header("receipt", "r1");
+        s.handle_client_frame(t0, unsub_unknown);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(
+                Frame::new(Command::Receipt).with_header("receipt-id", "r1")
+            )]
+        );
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Unsubscribe).with_header("id", "nope"),
+        );
+        assert!(drain(&mut s).is_empty());
+
+        let unsub = Frame::new(Command::Unsubscribe).with_header("id", "a");
+        s.handle_client_frame(t0, unsub.clone());
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(unsub.clone())]);
+        // A second UNSUBSCRIBE of the same id is not forwarded either.
+        s.handle_client_frame(t0, unsub);
+        assert!(drain(&mut s).is_empty());
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn duplicate_id_and_subscription_limit() {
+        let t0 = Instant::now();
+        let sub = |id: &str| {
+            Frame::new(Command::Subscribe)
+                .with_header("id", id)
+                .with_header("destination", "/topic/t")
+        };
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, sub("a"));
+        s.handle_client_frame(t0, sub("a"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "subscription id \"a\" is already in use");
+
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, sub("a"));
+        s.handle_client_frame(t0, sub("b"));
+        s.handle_client_frame(t0, sub("c"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "too many subscriptions (limit 2 per session)");
+
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Subscribe).with_header("destination", "/topic/t"),
+        );
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "SUBSCRIBE frame has no id header");
+    }
+
+    #[test]
+    fn broker_frames_are_relayed_and_broker_error_closes() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        let msg = Frame::new(Command::Message)
+            .with_header("subscription", "a")
+            .with_body("x");
+        s.handle_broker_frame(t0, msg.clone());
+        assert_eq!(drain(&mut s), vec![Action::ToClient(msg)]);
+        let err = Frame::error("not_found", "no exchange 'nope'");
+        s.handle_broker_frame(t0, err.clone());
+        let acts = drain(&mut s);
+        assert_eq!(acts[0], Action::ToClient(err));
+        assert_eq!(acts[1], Action::CloseBroker);
+        assert_eq!(
+            acts[2],
+            Action::CloseClient(CloseReason::BrokerError("not_found".into()))
+        );
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn broker_error_during_connect_is_relayed() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_frame(t0, connect_frame("0,0"));
+        drain(&mut s);
+        s.handle_broker_frame(t0, Frame::error("Access refused for user 'relay'", ""));
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "Access refused for user 'relay'");
+        assert_eq!(reason.ws_code(), 1011);
+    }
+
+    #[test]
+    fn broker_failure_gives_the_client_an_error() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_broker_failed(t0, "connection reset");
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "broker unavailable");
+        assert_eq!(reason, CloseReason::BrokerLost("connection reset".into()));
+    }
+
+    #[test]
+    fn disconnect_with_receipt_waits_for_the_broker() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        let d = Frame::new(Command::Disconnect).with_header("receipt", "bye");
+        s.handle_client_frame(t0, d.clone());
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(d)]);
+        assert!(!s.is_closed());
+        let r = Frame::new(Command::Receipt).with_header("receipt-id", "bye");
+        s.handle_broker_frame(t0, r.clone());
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToClient(r),
+                Action::CloseBroker,
+                Action::CloseClient(CloseReason::ClientDisconnect)
+            ]
+        );
+    }
+
+    #[test]
+    fn disconnect_receipt_times_out() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Disconnect).with_header("receipt", "bye"),
+        );
+        drain(&mut s);
+        assert_eq!(s.poll_timeout(), Some(t0 + 4_000 * MS));
+        s.handle_timeout(t0 + 3_999 * MS);
+        assert!(drain(&mut s).is_empty());
+        s.handle_timeout(t0 + 4_000 * MS);
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "broker unavailable");
+    }
+
+    #[test]
+    fn disconnect_without_receipt_closes_at_once() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, Frame::new(Command::Disconnect));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToBroker(Frame::new(Command::Disconnect)),
+                Action::CloseBroker,
+                Action::CloseClient(CloseReason::ClientDisconnect)
+            ]
+        );
+    }
+
+    #[test]
+    fn client_gone_disconnects_the_broker_leg() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_client_closed(t0);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::ToBroker(Frame::new(Command::Disconnect)),
+                Action::CloseBroker
+            ]
+        );
+        assert_eq!(s.close_reason(), Some(&CloseReason::ClientGone));
+
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_frame(t0, connect_frame("0,0"));
+        drain(&mut s);
+        s.handle_client_closed(t0);
+        assert_eq!(drain(&mut s), vec![Action::CloseBroker]);
+    }
+
+    #[test]
+    fn connect_timeout() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + 3_000 * MS));
+        s.handle_timeout(t0 + 2_999 * MS);
+        assert!(drain(&mut s).is_empty());
+        s.handle_timeout(t0 + 3_000 * MS);
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "no CONNECT frame received");
+        assert_eq!(reason, CloseReason::ConnectTimeout);
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn broker_connect_timeout() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        let t1 = t0 + 100 * MS;
+        s.handle_client_frame(t1, connect_frame("0,0"));
+        drain(&mut s);
+        assert_eq!(s.poll_timeout(), Some(t1 + 4_000 * MS));
+        s.handle_timeout(t1 + 4_000 * MS);
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "broker unavailable");
+        assert!(matches!(reason, CloseReason::BrokerLost(m) if m.contains("no CONNECTED")));
+    }
+
+    #[test]
+    fn heartbeats_on_both_legs_on_a_fake_clock() {
+        let t0 = Instant::now();
+        // Client: sends every 1000, wants every 1000 → both legs 1 s.
+        let mut s = connected(t0, "1000,1000");
+        assert_eq!(s.client_heartbeats(), (Some(1_000 * MS), Some(1_000 * MS)));
+        assert_eq!(s.broker_heartbeats(), (Some(5_000 * MS), Some(5_000 * MS)));
+        assert_eq!(s.poll_timeout(), Some(t0 + 1_000 * MS));
+
+        // The client keeps talking; the gateway heart-beats the client every
+        // second and the broker every 5 s, even with no relayed traffic.
+        let mut client_beats = 0;
+        let mut broker_beats = 0;
+        let mut now = t0;
+        for step in 1..=60 {
+            now = t0 + step * 100 * MS;
+            s.handle_client_activity(now);
+            s.handle_broker_activity(now);
+            while let Some(t) = s.poll_timeout() {
+                if t > now {
+                    break;
+                }
+                s.handle_timeout(now);
+            }
+            for a in drain(&mut s) {
+                match a {
+                    Action::ClientHeartbeat => client_beats += 1,
+                    Action::BrokerHeartbeat => broker_beats += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(now, t0 + 6_000 * MS);
+        assert_eq!(client_beats, 6);
+        assert_eq!(broker_beats, 1);
+        assert!(s.is_connected());
+
+        // Relayed traffic counts as a heart-beat: no extra EOL is needed.
+        let m = Frame::new(Command::Message).with_header("subscription", "a");
+        s.handle_broker_frame(now + 900 * MS, m);
+        drain(&mut s);
+        s.handle_timeout(now + 1_000 * MS);
+        assert!(!drain(&mut s).contains(&Action::ClientHeartbeat));
+    }
+
+    #[test]
+    fn silent_client_is_dropped_after_twice_the_interval() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "1000,1000");
+        s.handle_broker_activity(t0 + 1_900 * MS);
+        s.handle_timeout(t0 + 1_999 * MS);
+        assert!(!s.is_closed());
+        drain(&mut s);
+        s.handle_timeout(t0 + 2_000 * MS);
+        let acts = drain(&mut s);
+        let (msg, reason) = error_then_close(&acts);
+        assert_eq!(msg, "heart-beat timeout");
+        assert_eq!(reason, CloseReason::ClientHeartbeatTimeout);
+        assert!(acts.contains(&Action::CloseBroker));
+    }
+
+    #[test]
+    fn silent_broker_counts_as_lost() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_timeout(t0 + 9_999 * MS);
+        assert!(!s.is_closed());
+        drain(&mut s);
+        s.handle_timeout(t0 + 10_000 * MS);
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "broker unavailable");
+        assert!(matches!(reason, CloseReason::BrokerLost(m) if m.contains("heart-beat")));
+    }
+
+    #[test]
+    fn stomp_1_0_client_gets_no_heartbeats_and_may_omit_ids() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Connect).with_header("heart-beat", "1000,1000"),
+        );
+        drain(&mut s);
+        assert_eq!(s.client_version(), Version::V1_0);
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Connected).with_header("version", "1.0"),
+        );
+        let acts = drain(&mut s);
+        let Action::ToClient(c) = &acts[0] else {
+            panic!()
+        };
+        assert_eq!(c.header("version"), Some("1.0"));
+        assert_eq!(c.header("heart-beat"), None);
+        assert_eq!(s.client_heartbeats(), (None, None));
+        let sub = Frame::new(Command::Subscribe).with_header("destination", "/topic/x");
+        s.handle_client_frame(t0, sub.clone());
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(sub)]);
+        let unsub = Frame::new(Command::Unsubscribe).with_header("destination", "/topic/x");
+        s.handle_client_frame(t0, unsub.clone());
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(unsub)]);
+    }
+
+    #[test]
+    fn decode_errors_and_client_sent_server_frames_close_with_error() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_client_decode_error(t0, &DecodeError::FrameTooLarge { limit: 65536 });
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert!(msg.contains("65536"), "{msg}");
+
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, Frame::new(Command::Message));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "clients may not send MESSAGE frames");
+
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, connect_frame("0,0"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "already connected");
+    }
+
+    #[test]
+    fn shutdown_tells_the_client() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        s.handle_shutdown(t0);
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "server shutting down");
+        assert_eq!(reason.ws_code(), 1001);
+    }
+
+    fn cp_config(auth: Option<Arc<dyn Authenticate>>, user_send: bool) -> Arc<SessionConfig> {
+        let mut c = (*config()).clone();
+        c.control_plane = true;
+        c.user_send_enabled = user_send;
+        c.max_inflight_publishes = 2;
+        c.authenticator = auth;
+        Arc::new(c)
+    }
+
+    fn connected_with(
+        cfg: Arc<SessionConfig>,
+        t0: Instant,
+        connect: Frame,
+    ) -> (Session, Vec<Action>) {
+        let mut s = Session::new(cfg, "s9", t0);
+        s.handle_client_frame(t0, connect);
+        let acts = drain(&mut s);
+        if s.is_closed() {
+            return (s, acts);
+        }
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Connected).with_header("version", "1.2"),
+        );
+        let acts = drain(&mut s);
+        (s, acts)
+    }
+
+    #[derive(Debug)]
+    struct TokenAuth;
+    impl Authenticate for TokenAuth {
+        fn authenticate(&self, connect: &Frame) -> Result<Option<String>, String> {
+            match connect.header("token") {
+                Some("alice-token") => Ok(Some("alice".into())),
+                Some(_) => Err("invalid token".into()),
+                None => Ok(None),
+            }
+        }
+    }
+
+    #[test]
+    fn app_send_is_published_and_receipted_after_confirm() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        let send = Frame::new(Command::Send)
+            .with_header("destination", "/app/chat/sendMessage")
+            .with_header("receipt", "r1")
+            .with_header("content-type", "application/json")
+            .with_header("room", "42")
+            .with_header("stomp-user", "admin")
+            .with_header("Stomp-Session", "x")
+            .with_body("{}");
+        s.handle_client_frame(t0, send);
+        let acts = drain(&mut s);
+        let [Action::Publish(p)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(p.routing_key, "chat.sendMessage");
+        assert_eq!(p.destination, "/app/chat/sendMessage");
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+        // Identity headers cannot be spoofed; protocol headers are not copied.
+        assert_eq!(p.headers, vec![("room".to_string(), "42".to_string())]);
+        assert_eq!(&p.body[..], b"{}");
+        assert_eq!(s.inflight_publishes(), 1);
+        // No receipt before the confirm.
+        s.handle_publish_result(t0, p.id, Ok(()));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToClient(
+                Frame::new(Command::Receipt).with_header("receipt-id", "r1")
+            )]
+        );
+        assert_eq!(s.inflight_publishes(), 0);
+        assert_eq!(s.principal(), "session-s9");
+    }
+
+    #[test]
+    fn app_publish_failure_and_limits() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        let send = || Frame::new(Command::Send).with_header("destination", "/app/x");
+        s.handle_client_frame(t0, send());
+        let acts = drain(&mut s);
+        let [Action::Publish(p)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        s.handle_publish_result(
+            t0,
+            p.id,
+            Err("unroutable: no queue is bound to routing key x".into()),
+        );
+        let acts = drain(&mut s);
+        let (msg, _) = error_then_close(&acts);
+        assert_eq!(msg, "message not delivered");
+        let Action::ToClient(err) = &acts[0] else {
+            panic!()
+        };
+        assert!(std::str::from_utf8(&err.body)
+            .unwrap()
+            .contains("unroutable"));
+
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        for _ in 0..3 {
+            s.handle_client_frame(t0, send());
+        }
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "too many unconfirmed application messages (limit 2)");
+
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(t0, send().with_header("transaction", "tx1"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(
+            msg,
+            "transactions are not supported for application destinations"
+        );
+    }
+
+    #[test]
+    fn disconnect_waits_for_inflight_publishes() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send).with_header("destination", "/app/x"),
+        );
+        let acts = drain(&mut s);
+        let [Action::Publish(p)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        let d = Frame::new(Command::Disconnect).with_header("receipt", "bye");
+        s.handle_client_frame(t0, d.clone());
+        assert!(drain(&mut s).is_empty());
+        s.handle_publish_result(t0, p.id, Ok(()));
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(d)]);
+    }
+
+    #[test]
+    fn user_destination_subscriptions_are_rewritten_both_ways() {
+        let t0 = Instant::now();
+        let connect = connect_frame("0,0").with_header("token", "alice-token");
+        let (mut s, acts) =
+            connected_with(cp_config(Some(Arc::new(TokenAuth)), false), t0, connect);
+        let Action::ToClient(c) = &acts[0] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(c.header("user-name"), Some("alice"));
+        assert_eq!(s.user(), Some("alice"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Subscribe)
+                .with_header("id", "n")
+                .with_header("destination", "/user/queue/notifications"),
+        );
+        let acts = drain(&mut s);
+        let [Action::ToBroker(sub)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(
+            sub.header("destination"),
+            Some("/exchange/stomp.user/alice.queue.notifications")
+        );
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Message)
+                .with_header("subscription", "n")
+                .with_header(
+                    "destination",
+                    "/exchange/stomp.user/alice.queue.notifications",
+                ),
+        );
+        let acts = drain(&mut s);
+        let [Action::ToClient(m)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(m.header("destination"), Some("/user/queue/notifications"));
+        // Other subscriptions are left alone.
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Message)
+                .with_header("subscription", "other")
+                .with_header("destination", "/topic/a"),
+        );
+        let acts = drain(&mut s);
+        let [Action::ToClient(m)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(m.header("destination"), Some("/topic/a"));
+    }
+
+    #[test]
+    fn authentication_refused() {
+        let t0 = Instant::now();
+        let connect = connect_frame("0,0").with_header("token", "forged");
+        let (s, acts) = connected_with(cp_config(Some(Arc::new(TokenAuth)), false), t0, connect);
+        let (msg, _) = error_then_close(&acts);
+        assert_eq!(msg, "authentication failed");
+        assert!(s.is_closed());
+        // Nothing reached the broker.
+        assert!(!acts.iter().any(|a| matches!(a, Action::ConnectBroker(_))));
+    }
+
+    #[test]
+    fn sending_to_users() {
+        let t0 = Instant::now();
+        let send = Frame::new(Command::Send).with_header("destination", "/user/b.o*b/queue/x");
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(t0, send.clone());
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(
+            msg,
+            "sending to user destination \"/user/b.o*b/queue/x\" is not allowed"
+        );
+
+        let (mut s, _) = connected_with(cp_config(None, true), t0, connect_frame("0,0"));
+        s.handle_client_frame(t0, send);
+        let acts = drain(&mut s);
+        let [Action::ToBroker(f)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(
+            f.header("destination"),
+            Some("/exchange/stomp.user/b%2Eo%2Ab.queue.x")
+        );
+    }
+}
