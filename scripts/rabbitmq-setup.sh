@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Makes the local RabbitMQ node ready for stomp-gateway: node running, the
-# STOMP, Web-STOMP and management plugins enabled, and the STOMP (61613) and
-# management (15672) ports accepting connections. Safe to run repeatedly.
+# STOMP, Web-STOMP and management plugins enabled, and the STOMP (61613),
+# Web-STOMP (15674) and management (15672) ports accepting connections. Safe to run repeatedly.
 set -euo pipefail
 
 STOMP_PORT="${RABBITMQ_STOMP_PORT:-61613}"
 MGMT_PORT="${RABBITMQ_MANAGEMENT_PORT:-15672}"
+WEB_STOMP_PORT="${RABBITMQ_WEB_STOMP_PORT:-15674}"
 WAIT_SECS="${RABBITMQ_WAIT_SECS:-60}"
 
 log() { printf 'rabbitmq-setup: %s\n' "$*" >&2; }
@@ -43,4 +44,5 @@ wait_port() {
 
 wait_port "$STOMP_PORT" "RabbitMQ STOMP plugin"
 wait_port "$MGMT_PORT" "RabbitMQ management API"
+wait_port "$WEB_STOMP_PORT" "RabbitMQ Web-STOMP plugin (the load generator's tests compare against it)"
 log "ready: STOMP on 127.0.0.1:${STOMP_PORT}, management API on 127.0.0.1:${MGMT_PORT}"

@@ -1,0 +1,533 @@
+//! One task per client session: the I/O around [`relay_core::session::Session`].
+//!
+//! ```text
+//!  WebSocket read ──decode──▶ Session ──ToBroker──▶ broker writer task ──▶ TCP
+//!  TCP read ──FrameReader──▶ Session ──ToClient──▶ client writer task ──▶ WebSocket
+//! ```
+//!
+//! Backpressure: each writer task counts the bytes queued for it and not yet
+//! flushed. While the client's count is over `session.outbound_buffer_bytes`
+//! the task stops reading the broker connection (so a slow browser slows its
+//! own broker leg, and RabbitMQ's flow control takes over), and stops reading
+//! the client too. While the broker's count is over the limit it stops
+//! reading the client. Every input produces a bounded amount of output, so
+//! nothing grows without bound in either direction.
+
+use crate::amqp::{OutboundMessage, PublishError};
+use crate::broker::{self, BrokerError, FrameReader};
+use crate::config::MessageType;
+use crate::server::Shared;
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
+use futures_util::SinkExt;
+use relay_core::codec::{encode_to_bytes, HEARTBEAT};
+use relay_core::session::{Action, AppPublish, CloseReason, Session};
+use relay_core::{Decoder, Frame, Item, Version};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info};
+
+/// How long the writers get to flush the last frames after the session ended.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes queued for one writer task and not yet written, plus whether it failed.
+#[derive(Debug)]
+struct Queue {
+    bytes: AtomicUsize,
+    failed: AtomicBool,
+    wake: Arc<Notify>,
+}
+
+impl Queue {
+    fn new(wake: Arc<Notify>) -> Arc<Queue> {
+        Arc::new(Queue {
+            bytes: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            wake,
+        })
+    }
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    fn done(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+    fn len(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+enum ClientOut {
+    Message(Message, usize),
+    Close(u16, String),
+}
+
+enum BrokerOut {
+    Data(Bytes),
+    Close,
+}
+
+struct BrokerLeg {
+    reader: FrameReader<OwnedReadHalf>,
+    tx: mpsc::UnboundedSender<BrokerOut>,
+    queue: Arc<Queue>,
+    writer: tokio::task::JoinHandle<()>,
+    address: String,
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<(TcpStream, String), BrokerError>> + Send>>;
+type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<(), PublishError>)> + Send>>;
+
+/// Runs one client session until both legs are closed.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    shared: Arc<Shared>,
+    id: String,
+    peer: SocketAddr,
+    subprotocol: Option<Version>,
+    permit: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _permit = permit;
+    let started = Instant::now();
+    shared.health.session_opened();
+    info!(session = %id, %peer, subprotocol = subprotocol.map(|v| v.subprotocol()), "session opened");
+
+    let wake = Arc::new(Notify::new());
+    let (sink, mut stream) = ws.split();
+    let client_queue = Queue::new(wake.clone());
+    let (client_tx, client_rx) = mpsc::unbounded_channel();
+    let client_writer = tokio::spawn(write_client(sink, client_rx, client_queue.clone()));
+
+    let mut d = Driver {
+        session: Session::new(shared.session.clone(), id.clone(), started),
+        decoder: Decoder::new(shared.client_limits),
+        shared: shared.clone(),
+        client_tx,
+        client_queue,
+        broker: None,
+        connecting: None,
+        connect_frame: None,
+        closing_brokers: Vec::new(),
+        broker_address: None,
+        publishes: FuturesUnordered::new(),
+    };
+    // Stop reading the client while half the per-session publish budget is
+    // unconfirmed, so a burst in one WebSocket message rarely hits the limit.
+    let publish_gate = (shared.config.app.max_inflight_per_session / 2).max(1);
+    let limit = shared.config.session.outbound_buffer_bytes;
+    let mut shutdown = shared.shutdown.clone();
+    let mut shutdown_seen = false;
+
+    while !d.session.is_closed() {
+        let client_full = d.client_queue.len() >= limit;
+        let broker_full = d.broker.as_ref().is_some_and(|b| b.queue.len() >= limit);
+        let read_client =
+            !client_full && !broker_full && d.session.inflight_publishes() < publish_gate;
+        let read_broker = d.broker.is_some() && !client_full;
+        let deadline = d.session.poll_timeout().map(tokio::time::Instant::from_std);
+
+        tokio::select! {
+            changed = shutdown.changed(), if !shutdown_seen => {
+                if changed.is_err() || *shutdown.borrow() {
+                    shutdown_seen = true;
+                    d.session.handle_shutdown(Instant::now());
+                }
+            }
+            msg = stream.next(), if read_client => d.on_client_message(msg),
+            item = next_broker_item(&mut d.broker), if read_broker => d.on_broker_item(item),
+            Some((id, res)) = d.publishes.next(), if !d.publishes.is_empty() => {
+                d.session.handle_publish_result(Instant::now(), id, res.map_err(|e| e.to_string()));
+            }
+            res = poll_connect(&mut d.connecting), if d.connecting.is_some() => {
+                d.connecting = None;
+                d.on_broker_connected(res);
+            }
+            _ = wake.notified() => {
+                if d.client_queue.has_failed() {
+                    d.session.handle_client_closed(Instant::now());
+                }
+                if d.broker.as_ref().is_some_and(|b| b.queue.has_failed()) {
+                    d.broker = None;
+                    d.session.handle_broker_failed(Instant::now(), "write to the broker failed");
+                }
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => d.session.handle_timeout(Instant::now()),
+        }
+        d.run_actions();
+    }
+
+    // Let the writers flush the last frames (an ERROR, a RECEIPT) before the
+    // sockets close.
+    let Driver {
+        client_tx,
+        broker,
+        closing_brokers,
+        session,
+        broker_address,
+        ..
+    } = d;
+    drop(client_tx);
+    let mut writers = closing_brokers;
+    if let Some(b) = broker {
+        let _ = b.tx.send(BrokerOut::Close);
+        writers.push(b.writer);
+    }
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, client_writer).await;
+    for w in writers {
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, w).await;
+    }
+    shared.health.session_closed();
+    let reason = session
+        .close_reason()
+        .cloned()
+        .unwrap_or(CloseReason::ClientGone);
+    info!(
+        session = %id,
+        %peer,
+        broker = broker_address.as_deref().unwrap_or("-"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        reason = %reason,
+        "session closed"
+    );
+}
+
+struct Driver {
+    session: Session,
+    decoder: Decoder,
+    shared: Arc<Shared>,
+    client_tx: mpsc::UnboundedSender<ClientOut>,
+    client_queue: Arc<Queue>,
+    broker: Option<BrokerLeg>,
+    connecting: Option<ConnectFuture>,
+    connect_frame: Option<Frame>,
+    closing_brokers: Vec<tokio::task::JoinHandle<()>>,
+    broker_address: Option<String>,
+    /// Application publishes awaiting their confirm.
+    publishes: FuturesUnordered<PublishFuture>,
+}
+
+impl Driver {
+    fn on_client_message(
+        &mut self,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) {
+        let now = Instant::now();
+        match msg {
+            Some(Ok(Message::Text(t))) => self.feed(now, t.as_bytes()),
+            Some(Ok(Message::Binary(b))) => self.feed(now, &b),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                self.session.handle_client_activity(now)
+            }
+            Some(Ok(Message::Close(_))) | None => self.session.handle_client_closed(now),
+            Some(Err(e)) => {
+                debug!(session = %self.session.id(), error = %e, "client WebSocket error");
+                self.session.handle_client_closed(now);
+            }
+        }
+    }
+
+    fn feed(&mut self, now: Instant, data: &[u8]) {
+        self.session.handle_client_activity(now);
+        self.decoder.extend(data);
+        loop {
+            match self.decoder.decode() {
+                Ok(Some(Item::Frame(frame))) => {
+                    self.session.handle_client_frame(now, frame);
+                    // CONNECT fixes the escaping rules for what follows.
+                    self.decoder.set_version(self.session.client_version());
+                    if self.session.is_closed() {
+                        break;
+                    }
+                }
+                Ok(Some(Item::Heartbeat)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    self.session.handle_client_decode_error(now, &e);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_broker_item(&mut self, item: Result<Item, BrokerError>) {
+        let now = Instant::now();
+        match item {
+            Ok(Item::Frame(frame)) => {
+                self.session.handle_broker_frame(now, frame);
+                let v = self.session.broker_version();
+                if let Some(b) = self.broker.as_mut() {
+                    b.reader.set_version(v);
+                }
+            }
+            Ok(Item::Heartbeat) => self.session.handle_broker_activity(now),
+            Err(e) => {
+                if let Some(b) = self.broker.take() {
+                    self.closing_brokers.push(b.writer);
+                }
+                self.session.handle_broker_failed(now, &e.to_string());
+            }
+        }
+    }
+
+    fn on_broker_connected(&mut self, res: Result<(TcpStream, String), BrokerError>) {
+        let now = Instant::now();
+        match res {
+            Ok((stream, address)) => {
+                let (read, write) = stream.into_split();
+                let queue = Queue::new(self.client_queue.wake.clone());
+                let (tx, rx) = mpsc::unbounded_channel();
+                let writer = tokio::spawn(write_broker(write, rx, queue.clone()));
+                let mut reader = FrameReader::new(read, self.shared.broker_limits);
+                reader.set_version(self.session.broker_version());
+                debug!(session = %self.session.id(), broker = %address, "broker connection open");
+                self.broker_address = Some(address.clone());
+                self.broker = Some(BrokerLeg {
+                    reader,
+                    tx,
+                    queue,
+                    writer,
+                    address,
+                });
+                if let Some(connect) = self.connect_frame.take() {
+                    self.send_broker(encode_to_bytes(&connect, self.session.broker_version()));
+                }
+            }
+            Err(e) => self.session.handle_broker_failed(now, &e.to_string()),
+        }
+    }
+
+    fn run_actions(&mut self) {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::ConnectBroker(connect) => {
+                    self.connect_frame = Some(connect);
+                    let addresses = self.shared.config.broker.addresses.clone();
+                    let timeout =
+                        Duration::from_millis(self.shared.config.broker.connect_timeout_ms);
+                    self.connecting = Some(Box::pin(async move {
+                        broker::connect_tcp(&addresses, timeout).await
+                    }));
+                }
+                Action::ToBroker(frame) => {
+                    let bytes = encode_to_bytes(&frame, self.session.broker_version());
+                    self.send_broker(bytes);
+                }
+                Action::BrokerHeartbeat => self.send_broker(Bytes::from_static(HEARTBEAT)),
+                Action::ToClient(frame) => {
+                    let bytes = encode_to_bytes(&frame, self.session.client_version());
+                    self.send_client(bytes);
+                }
+                Action::ClientHeartbeat => self.send_client(Bytes::from_static(HEARTBEAT)),
+                Action::CloseBroker => {
+                    self.connecting = None;
+                    self.connect_frame = None;
+                    if let Some(b) = self.broker.take() {
+                        let _ = b.tx.send(BrokerOut::Close);
+                        debug!(session = %self.session.id(), broker = %b.address, "closing broker connection");
+                        self.closing_brokers.push(b.writer);
+                    }
+                }
+                Action::Publish(publish) => self.publish(publish),
+                Action::CloseClient(reason) => {
+                    let _ = self
+                        .client_tx
+                        .send(ClientOut::Close(reason.ws_code(), close_text(&reason)));
+                }
+            }
+        }
+    }
+    /// Publishes a client SEND to the application exchange; the session
+    /// hears the confirm (or the refusal) through `handle_publish_result`.
+    fn publish(&mut self, p: AppPublish) {
+        let mut headers = p.headers;
+        headers.push(("stomp-session".into(), self.session.id().to_owned()));
+        if let Some(user) = self.session.user() {
+            headers.push(("stomp-user".into(), user.to_owned()));
+        }
+        headers.push(("stomp-destination".into(), p.destination));
+        let msg = OutboundMessage {
+            exchange: self.shared.config.app.exchange.clone(),
+            routing_key: p.routing_key,
+            headers,
+            content_type: p.content_type,
+            message_id: None,
+            body: p.body,
+            mandatory: true,
+            persistent: false,
+        };
+        let control = self.shared.control.clone();
+        let id = p.id;
+        self.publishes
+            .push(Box::pin(async move { (id, control.publish(msg).await) }));
+    }
+
+    fn send_broker(&mut self, bytes: Bytes) {
+        if let Some(b) = &self.broker {
+            b.queue.add(bytes.len());
+            if b.tx.send(BrokerOut::Data(bytes)).is_err() {
+                b.queue.fail();
+            }
+        }
+    }
+
+    fn send_client(&mut self, bytes: Bytes) {
+        let len = bytes.len();
+        let msg = ws_message(bytes, self.shared.message_type);
+        self.client_queue.add(len);
+        if self.client_tx.send(ClientOut::Message(msg, len)).is_err() {
+            self.client_queue.fail();
+        }
+    }
+}
+
+/// A close reason fits in a control frame (123 bytes of UTF-8).
+fn close_text(reason: &CloseReason) -> String {
+    let mut s = reason.to_string();
+    if s.len() > 123 {
+        let mut cut = 123;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Text when the frame is valid UTF-8 (unless binary is forced), binary
+/// otherwise: a text message must be UTF-8, and browsers drop the socket
+/// when it isn't.
+pub fn ws_message(bytes: Bytes, mode: MessageType) -> Message {
+    match mode {
+        MessageType::Binary => Message::Binary(bytes),
+        MessageType::Auto | MessageType::Text => {
+            // Cloning `Bytes` only bumps a reference count.
+            match Utf8Bytes::try_from(bytes.clone()) {
+                Ok(t) => Message::Text(t),
+                Err(_) => Message::Binary(bytes),
+            }
+        }
+    }
+}
+
+async fn next_broker_item(broker: &mut Option<BrokerLeg>) -> Result<Item, BrokerError> {
+    match broker.as_mut() {
+        Some(b) => b.reader.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_connect(
+    connecting: &mut Option<ConnectFuture>,
+) -> Result<(TcpStream, String), BrokerError> {
+    match connecting.as_mut() {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes queued messages to the WebSocket, flushing once per batch.
+async fn write_client<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut rx: mpsc::UnboundedReceiver<ClientOut>,
+    queue: Arc<Queue>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    while let Some(first) = rx.recv().await {
+        let mut batch = 0usize;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                ClientOut::Message(msg, len) => {
+                    batch += len;
+                    if sink.feed(msg).await.is_err() {
+                        queue.fail();
+                        return;
+                    }
+                }
+                ClientOut::Close(code, reason) => {
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    queue.done(batch);
+                    let _ = sink.close().await;
+                    return;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if sink.flush().await.is_err() {
+            queue.fail();
+            return;
+        }
+        queue.done(batch);
+    }
+    let _ = sink.close().await;
+}
+
+/// Writes queued bytes to the broker, coalescing what is ready into one write.
+async fn write_broker(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<BrokerOut>,
+    queue: Arc<Queue>,
+) {
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let mut close = false;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                BrokerOut::Data(b) => buf.extend_from_slice(&b),
+                BrokerOut::Close => {
+                    close = true;
+                    break;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if !buf.is_empty() {
+            let n = buf.len();
+            if w.write_all(&buf).await.is_err() {
+                queue.fail();
+                return;
+            }
+            buf.clear();
+            queue.done(n);
+        }
+        if close {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+}

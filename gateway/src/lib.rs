@@ -1,0 +1,21 @@
+//! stomp-gateway: the I/O around `relay-core`.
+//!
+//! - [`server`]: the client listener (hyper 1, WebSocket upgrade).
+//! - [`client`]: one task per client session driving `relay_core::session::Session`.
+//! - [`broker`]: TCP connections to the RabbitMQ STOMP plugin (address failover).
+//! - [`system`]: the shared system link (heart-beats, reconnect with backoff).
+//! - [`admin`]: `/healthz` and `/readyz` on the admin listener.
+//! - [`config`]: defaults, TOML file, `GATEWAY__...` environment overrides.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod amqp;
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod client;
+pub mod config;
+pub mod health;
+pub mod server;
+pub mod system;
+pub mod telemetry;

@@ -1,0 +1,435 @@
+//! The client listener: hyper 1 HTTP/1.1 with the WebSocket upgrade on the
+//! configured endpoint paths, STOMP subprotocol negotiation, origin check and
+//! the per-process connection limit. Each upgraded connection becomes a
+//! [`crate::client`] task.
+
+use crate::amqp::{ControlPlane, ControlPlaneError};
+use crate::auth::{AuthError, JwtAuthenticator, JwtSettings};
+use crate::config::{AuthMode, Config, MessageType};
+use crate::health::Health;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use relay_core::destination::Router;
+use relay_core::heartbeat::HeartBeat;
+use relay_core::session::{Authenticate, SessionConfig};
+use relay_core::{Limits, Version};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, warn};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("AMQP control plane: {0}")]
+    ControlPlane(#[from] ControlPlaneError),
+}
+
+/// Everything a connection task needs, shared by all of them.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub health: Arc<Health>,
+    pub session: Arc<SessionConfig>,
+    /// Codec limits for client frames.
+    pub client_limits: Limits,
+    /// Codec limits for broker frames (client limits plus headroom for the
+    /// headers the broker adds).
+    pub broker_limits: Limits,
+    pub ws_config: WebSocketConfig,
+    pub message_type: MessageType,
+    pub shutdown: watch::Receiver<bool>,
+    /// Publishes application messages (`/app/**`).
+    pub control: ControlPlane,
+    permits: Arc<Semaphore>,
+    id_prefix: u32,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// Derives the per-session settings from the configuration.
+    pub fn new(
+        config: Arc<Config>,
+        health: Arc<Health>,
+        control: ControlPlane,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Shared, AuthError> {
+        let s = &config.session;
+        let b = &config.broker;
+        let addresses = u32::try_from(b.addresses.len()).unwrap_or(u32::MAX);
+        let authenticator: Option<Arc<dyn Authenticate>> = match config.auth.mode {
+            AuthMode::None => None,
+            AuthMode::Jwt => {
+                let a = &config.auth;
+                Some(Arc::new(JwtAuthenticator::new(&JwtSettings {
+                    algorithm: a.jwt_algorithm.as_str().to_owned(),
+                    secret: a.jwt_secret.clone(),
+                    public_key_file: a.jwt_public_key_file.clone(),
+                    issuer: a.jwt_issuer.clone(),
+                    audience: a.jwt_audience.clone(),
+                    user_claim: a.user_claim.clone(),
+                    token_header: a.token_header.clone(),
+                })?))
+            }
+        };
+        let session = SessionConfig {
+            client_heartbeat: HeartBeat::new(s.heartbeat_send_ms, s.heartbeat_receive_ms),
+            broker_heartbeat: HeartBeat::new(
+                b.client_heartbeat_send_ms,
+                b.client_heartbeat_receive_ms,
+            ),
+            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+            // Every address may take the whole connect timeout, then CONNECTED.
+            broker_timeout: Duration::from_millis(b.connect_timeout_ms)
+                .saturating_mul(addresses.saturating_add(1)),
+            max_subscriptions: s.max_subscriptions,
+            max_pending_frames: s.max_pending_frames,
+            broker_login: b.client_login.clone(),
+            broker_passcode: b.client_passcode.clone(),
+            virtual_host: b.virtual_host.clone(),
+            router: Router::new(
+                b.relay_prefixes.clone(),
+                config.app.prefixes.clone(),
+                Some(config.user.prefix.clone()),
+            ),
+            server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
+            control_plane: true,
+            user_exchange: config.user.exchange.clone(),
+            user_send_enabled: config.user.client_send_enabled,
+            max_inflight_publishes: config.app.max_inflight_per_session,
+            authenticator,
+        };
+        let client_limits = Limits {
+            max_frame_size: s.max_frame_size,
+            max_headers: s.max_header_count,
+            max_header_line: s.max_header_line,
+        };
+        let broker_limits = Limits {
+            max_frame_size: s.max_frame_size.saturating_add(16 * 1024),
+            max_headers: s.max_header_count.saturating_add(32),
+            max_header_line: s.max_header_line.saturating_add(1024),
+        };
+        let ws_config = WebSocketConfig::default()
+            // The default 128 KiB read buffer is zero-filled per connection;
+            // STOMP frames are small, the buffer grows when needed.
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(config.server.max_ws_message_size))
+            .max_frame_size(Some(config.server.max_ws_message_size));
+        Ok(Shared {
+            control,
+            permits: Arc::new(Semaphore::new(config.server.max_connections)),
+            message_type: config.server.message_type,
+            session: Arc::new(session),
+            client_limits,
+            broker_limits,
+            ws_config,
+            config,
+            health,
+            shutdown,
+            id_prefix: rand::random(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn next_session_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}-{n}", self.id_prefix)
+    }
+}
+
+/// Binds both listeners, starts the admin server and the system link, and
+/// serves clients until `shutdown` turns true. Then it stops accepting,
+/// closes every session (ERROR, WebSocket close 1001) and returns.
+pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    let health = Arc::new(Health::default());
+    let listener = bind(&config.server.listen, "client listener").await?;
+    let admin = bind(&config.server.admin_listen, "admin listener").await?;
+    // Declares the topology first: a conflict stops start-up here.
+    let control = ControlPlane::start(config.clone(), health.clone(), shutdown.clone()).await?;
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        health.clone(),
+        control.clone(),
+        shutdown.clone(),
+    )?);
+    info!(
+        listen = %local(&listener),
+        admin = %local(&admin),
+        endpoints = ?config.server.endpoints.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+        brokers = ?config.broker.addresses,
+        "stomp-gateway listening"
+    );
+    tokio::spawn({
+        let (health, shutdown, config) = (health.clone(), shutdown.clone(), config.clone());
+        async move {
+            if let Err(e) =
+                crate::admin::serve_with_api(admin, health, control, config, shutdown).await
+            {
+                warn!(error = %e, "admin listener stopped");
+            }
+        }
+    });
+    let system = tokio::spawn(crate::system::run(
+        config.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    tokio::spawn(serve_connection(stream, peer, shared));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    health.set_shutting_down();
+    drop(listener);
+    let active = health.active_sessions();
+    info!(
+        active_sessions = active,
+        "shutting down: listener closed, closing sessions"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), system).await;
+    // Waits for in-flight confirms, then closes the AMQP connections.
+    let _ = tokio::time::timeout(Duration::from_secs(2), shared.control.closed()).await;
+    info!(
+        remaining_sessions = health.active_sessions(),
+        "shutdown complete"
+    );
+    Ok(())
+}
+
+async fn bind(addr: &str, what: &'static str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what,
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+fn local(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let io = TokioIo::new(stream);
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, shared)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(%peer, error = %e, "http connection ended with an error");
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<String>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Picks the highest STOMP version the client offers as a subprotocol.
+pub fn choose_subprotocol<'a>(offered: impl Iterator<Item = &'a str>) -> Option<Version> {
+    offered.filter_map(Version::from_subprotocol).max()
+}
+
+fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Resp {
+    let path = req.uri().path().to_owned();
+    let is_endpoint = shared
+        .config
+        .server
+        .endpoints
+        .iter()
+        .any(|e| e.path == path);
+    if !is_endpoint {
+        return if path == "/" {
+            let paths: Vec<&str> = shared
+                .config
+                .server
+                .endpoints
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect();
+            text(
+                StatusCode::OK,
+                format!(
+                    "stomp-gateway: STOMP over WebSocket at {}\n",
+                    paths.join(", ")
+                ),
+            )
+        } else {
+            text(StatusCode::NOT_FOUND, "not found\n")
+        };
+    }
+    if req.method() != Method::GET
+        || !header_has_token(&req, header::CONNECTION, "upgrade")
+        || !header_has_token(&req, header::UPGRADE, "websocket")
+    {
+        return text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks STOMP over WebSocket: send a WebSocket upgrade request\n",
+        );
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        let mut r = text(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version (13 required)\n",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let Some(key) = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let allowed = &shared.config.server.allowed_origins;
+        let origin = origin.to_str().unwrap_or("");
+        if !allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+        {
+            info!(%peer, origin, "rejected WebSocket upgrade: origin not allowed");
+            return text(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
+    }
+    if *shared.shutdown.borrow() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
+    }
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        warn!(%peer, limit = shared.config.server.max_connections, "rejected WebSocket upgrade: connection limit reached");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached\n",
+        );
+    };
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|p| p.trim().to_owned()))
+        .collect();
+    let protocol = choose_subprotocol(offered.iter().map(String::as_str));
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let id = shared.next_session_id();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(shared.ws_config),
+                )
+                .await;
+                crate::client::run(ws, shared, id, peer, protocol, permit).await;
+            }
+            Err(e) => debug!(%peer, error = %e, "WebSocket upgrade failed"),
+        }
+    });
+
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = protocol {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(p.subprotocol()),
+        );
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subprotocol_prefers_the_newest_version() {
+        assert_eq!(
+            choose_subprotocol(["v10.stomp", "v12.stomp", "v11.stomp"].into_iter()),
+            Some(Version::V1_2)
+        );
+        assert_eq!(
+            choose_subprotocol(["v10.stomp"].into_iter()),
+            Some(Version::V1_0)
+        );
+        assert_eq!(choose_subprotocol(["mqtt"].into_iter()), None);
+        assert_eq!(choose_subprotocol(std::iter::empty()), None);
+    }
+}

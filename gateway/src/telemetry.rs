@@ -1,0 +1,89 @@
+//! Logging: `tracing` to stderr, as text or JSON lines.
+
+use crate::config::{LogConfig, LogFormat};
+use std::io::IsTerminal;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. The filter is `RUST_LOG` when set and
+/// valid, else `log.filter`. Safe to call more than once: later calls (and
+/// calls after another subscriber was installed, as in tests) do nothing.
+/// Returns whether this call installed the subscriber.
+pub fn init(cfg: &LogConfig) -> bool {
+    let (filter, rust_log_error) = filter(cfg, std::env::var("RUST_LOG").ok().as_deref());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    let installed = match cfg.format {
+        LogFormat::Json => builder.json().try_init().is_ok(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+            .is_ok(),
+    };
+    if let Some(e) = rust_log_error {
+        tracing::warn!("ignoring RUST_LOG: {e}; using log.filter {:?}", cfg.filter);
+    }
+    installed
+}
+
+/// Directive added to `log.filter` (not to `RUST_LOG`).
+const QUIET_LAPIN: &str = "lapin::returned_messages=error";
+
+/// The filter to use, and why `RUST_LOG` was ignored if it was.
+fn filter(cfg: &LogConfig, rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
+    let from_config = || {
+        EnvFilter::builder()
+            .parse(&cfg.filter)
+            // Validated at startup; fall back rather than fail here.
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+            // lapin warns with the whole message body for every mandatory
+            // return; the gateway reports those itself, in one line.
+            .add_directive(QUIET_LAPIN.parse().unwrap_or_default())
+    };
+    match rust_log.map(str::trim) {
+        Some(s) if !s.is_empty() => match EnvFilter::builder().parse(s) {
+            Ok(f) => (f, None),
+            Err(e) => (from_config(), Some(e.to_string())),
+        },
+        _ => (from_config(), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_wins_when_valid() {
+        let cfg = LogConfig {
+            filter: "warn".into(),
+            format: LogFormat::Text,
+        };
+        let (f, err) = filter(&cfg, Some("debug"));
+        assert_eq!(f.to_string(), "debug");
+        assert!(err.is_none());
+        let from_config = format!("{QUIET_LAPIN},warn");
+        let (f, err) = filter(&cfg, None);
+        assert_eq!(f.to_string(), from_config);
+        assert!(err.is_none());
+        let (f, _) = filter(&cfg, Some("  "));
+        assert_eq!(f.to_string(), from_config);
+        let (f, err) = filter(&cfg, Some("info,["));
+        assert_eq!(f.to_string(), from_config);
+        assert!(err.is_some());
+    }
+
+    #[test]
+    fn init_is_idempotent() {
+        // Whatever ran first, a global subscriber exists after this (a silent
+        // one if it is ours), so init must do nothing and not panic.
+        use tracing_subscriber::util::SubscriberInitExt;
+        let _ = tracing_subscriber::registry().try_init();
+        assert!(!init(&LogConfig::default()));
+        assert!(!init(&LogConfig {
+            filter: "debug".into(),
+            format: LogFormat::Json,
+        }));
+    }
+}
