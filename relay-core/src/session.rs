@@ -913,15 +913,21 @@ impl Session {
     fn reject_route(&mut self, now: Instant, route: Route, dest: String) {
         match route {
             Route::Relay => {}
+            Route::App if self.config.control_plane => self.client_error(
+                now,
+                &format!("cannot subscribe to application destination {dest:?}"),
+                "application destinations only take SEND; subscribe to the broker destination \
+                 (/topic/..., /exchange/...) that backends publish to",
+            ),
             Route::App => self.client_error(
                 now,
                 &format!("application destination {dest:?} is not served"),
-                "application destinations are published to backends over AMQP, which this gateway build does not provide yet",
+                "application destinations need the AMQP control plane, which is disabled",
             ),
             Route::User => self.client_error(
                 now,
                 &format!("user destination {dest:?} is not served"),
-                "user destinations need the AMQP control plane, which this gateway build does not provide yet",
+                "user destinations need the AMQP control plane, which is disabled",
             ),
             Route::Unroutable => {
                 let prefixes = self.config.router.relay_prefixes().join(", ");
@@ -1789,6 +1795,23 @@ mod tests {
         assert_eq!(
             f.header("destination"),
             Some("/exchange/stomp.user/b%2Eo%2Ab.queue.x")
+        );
+    }
+
+    #[test]
+    fn subscribing_to_an_application_destination_is_refused() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Subscribe)
+                .with_header("id", "h")
+                .with_header("destination", "/app/chat.history"),
+        );
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(
+            msg,
+            "cannot subscribe to application destination \"/app/chat.history\""
         );
     }
 }
