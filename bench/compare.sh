@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# Benchmarks stomp-gateway against RabbitMQ's own Web-STOMP endpoint with
+# identical traffic (stomp-load), then writes docs/benchmarks.md and
+# docs/benchmarks-latency.svg.
+#
+# Steps:
+#   1. cargo build --release -p stomp-gateway -p stomp-load
+#   2. raise this shell's open-file limit (the generator and gateway inherit it)
+#   3. restart RabbitMQ with a raised open-file limit (not with --quick or
+#      --no-restart): rabbitmqctl stop; ulimit -n 65536; rabbitmq-server -detached
+#   4. start the gateway on free ports with a bench config, wait for /readyz
+#   5. for each case, R rounds of gateway then direct (A B A B ...), sampling
+#      CPU and RSS of the gateway and of RabbitMQ's beam.smp
+#   6. stomp-load report: medians over rounds -> markdown table with targets,
+#      SVG latency plot
+#
+# Usage: bench/compare.sh [--quick] [--rounds N] [--out DIR] [--cases LIST]
+#                         [--no-restart] [--no-build] [--direct-only]
+#
+#   --quick        1 round, tiny sizes, no RabbitMQ restart, results and
+#                  report in a temp dir (not docs/): for CI and dry runs
+#   --rounds N     rounds per case and target (default 3; medians)
+#   --out DIR      where the run JSON goes (default target/bench/<UTC time>)
+#   --cases LIST   comma list of: throughput,latency,fanout,connect-storm,idle
+#   --no-restart   keep RabbitMQ running as it is (its limit may be too low)
+#   --no-build     use existing binaries (STOMP_LOAD_BIN / GATEWAY_BIN or
+#                  target/release)
+#   --direct-only  only run against Web-STOMP (no gateway)
+#
+# Environment: WEB_STOMP_URL (ws://127.0.0.1:15674/ws), RABBITMQ_STOMP_ADDR
+# (127.0.0.1:61613), SOURCE_IPS (127.0.0.2-127.0.0.50), PAUSE_SECS (pause
+# between runs), STOMP_LOAD_BIN, GATEWAY_BIN, CARGO_TARGET_DIR.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+INVOCATION="bench/compare.sh $*"
+
+log() { printf '[compare %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() {
+  log "ERROR: $*"
+  exit 1
+}
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+
+QUICK=0
+ROUNDS=""
+OUT=""
+RESTART=1
+BUILD=1
+TARGETS=(gateway direct)
+CASES="throughput,latency,fanout,connect-storm,idle"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --rounds) ROUNDS="${2:?--rounds needs a number}"; shift ;;
+    --out) OUT="${2:?--out needs a directory}"; shift ;;
+    --cases) CASES="${2:?--cases needs a list}"; shift ;;
+    --no-restart) RESTART=0 ;;
+    --no-build) BUILD=0 ;;
+    --direct-only) TARGETS=(direct) ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument $1" ;;
+  esac
+  shift
+done
+
+WEB_STOMP_URL="${WEB_STOMP_URL:-ws://127.0.0.1:15674/ws}"
+STOMP_ADDR="${RABBITMQ_STOMP_ADDR:-127.0.0.1:61613}"
+SOURCE_IPS="${SOURCE_IPS:-127.0.0.2-127.0.0.50}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+
+if ((QUICK)); then
+  ROUNDS="${ROUNDS:-1}"
+  RESTART=0
+  OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/stomp-bench.XXXXXX")}"
+  MARKDOWN="$OUT/benchmarks.md"
+  SVG="$OUT/benchmarks-latency.svg"
+  PAUSE_SECS="${PAUSE_SECS:-1}"
+else
+  ROUNDS="${ROUNDS:-3}"
+  OUT="${OUT:-$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)}"
+  MARKDOWN="docs/benchmarks.md"
+  SVG="docs/benchmarks-latency.svg"
+  PAUSE_SECS="${PAUSE_SECS:-5}"
+fi
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer"
+mkdir -p "$OUT/runs" "$OUT/logs"
+log "results: $OUT (report: $MARKDOWN)"
+
+# ---- 1. build ---------------------------------------------------------------
+if ((BUILD)); then
+  if [[ " ${TARGETS[*]} " == *" gateway "* ]]; then
+    log "building release binaries: cargo build --release -p stomp-gateway -p stomp-load"
+    cargo build --release -p stomp-gateway -p stomp-load
+  else
+    log "building release binary: cargo build --release -p stomp-load"
+    cargo build --release -p stomp-load
+  fi
+fi
+LOAD="${STOMP_LOAD_BIN:-$TARGET_DIR/release/stomp-load}"
+GATEWAY="${GATEWAY_BIN:-$TARGET_DIR/release/stomp-gateway}"
+[[ -x "$LOAD" ]] || die "no stomp-load binary at $LOAD"
+
+# ---- 2. our own file-descriptor limit ----------------------------------------
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+log "open-file limit for stomp-load and the gateway: $(ulimit -n)"
+
+# ---- 3. RabbitMQ --------------------------------------------------------------
+wait_port() {
+  local port="$1" what="$2" deadline=$((SECONDS + 120))
+  until (exec 3<>"/dev/tcp/127.0.0.1/${port}") 2>/dev/null; do
+    ((SECONDS < deadline)) || die "$what on 127.0.0.1:$port is not accepting connections"
+    sleep 0.5
+  done
+}
+
+beam_pid() {
+  local pid
+  pid="$(rabbitmqctl eval 'os:getpid().' 2>/dev/null | tr -dc '0-9')" || true
+  if [[ -z "$pid" ]]; then
+    pid="$(pgrep -o beam.smp || true)"
+  fi
+  [[ -n "$pid" ]] || die "cannot find RabbitMQ's beam.smp process"
+  echo "$pid"
+}
+
+beam_nofile() { awk '/Max open files/ {print $4 " (hard " $5 ")"}' "/proc/$1/limits" 2>/dev/null || echo unknown; }
+
+if ((RESTART)); then
+  log "Restarting RabbitMQ with a raised open-file limit. Why: the node's default soft limit of"
+  log "1024 file descriptors caps it at about 830 connections, and these scenarios need"
+  log "thousands (connect storm 2,000, idle density 5,000; every gateway session also"
+  log "costs RabbitMQ one STOMP connection). This interrupts anything else using the node."
+  rabbitmqctl stop
+  (
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    log "starting RabbitMQ: ulimit -n $(ulimit -n); rabbitmq-server -detached"
+    rabbitmq-server -detached
+  )
+  deadline=$((SECONDS + 120))
+  until rabbitmqctl await_startup --timeout 10 >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "RabbitMQ did not start within 120 s (see /var/log/rabbitmq/)"
+    sleep 1
+  done
+  wait_port 61613 "RabbitMQ STOMP"
+  wait_port 15674 "RabbitMQ Web-STOMP"
+  BEAM="$(beam_pid)"
+  log "RabbitMQ is up (beam.smp pid $BEAM), open-file limit $(beam_nofile "$BEAM")"
+  soft="$(awk '/Max open files/ {print $4}' "/proc/$BEAM/limits" 2>/dev/null || echo 0)"
+  if [[ "$soft" =~ ^[0-9]+$ ]] && ((soft < 12000)); then
+    log "WARNING: RabbitMQ's open-file limit is still $soft; the idle-density case (5,000 sessions)"
+    log "will hit it. Raise the hard limit of this shell (or /etc/security/limits.d for user rabbitmq)."
+  fi
+  RESTART_NOTE="RabbitMQ was restarted before the runs (rabbitmqctl stop; ulimit -n 65536, or the hard limit if lower; rabbitmq-server -detached) because its default soft limit of 1024 file descriptors caps it at about 830 connections; beam.smp's limit during the runs: $(beam_nofile "$BEAM")."
+else
+  wait_port 15674 "RabbitMQ Web-STOMP"
+  BEAM="$(beam_pid)"
+  log "not restarting RabbitMQ; beam.smp pid $BEAM, open-file limit $(beam_nofile "$BEAM")"
+  RESTART_NOTE="RabbitMQ was not restarted; beam.smp's open-file limit during the runs: $(beam_nofile "$BEAM")."
+fi
+RABBIT_VERSION="$(rabbitmqctl version 2>/dev/null || echo unknown)"
+
+# ---- 4. the gateway -----------------------------------------------------------
+GW_PID=""
+GW_URL=""
+CONFIG="$OUT/gateway.toml"
+if [[ " ${TARGETS[*]} " == *" gateway "* ]]; then
+  [[ -x "$GATEWAY" ]] || die "no stomp-gateway binary at $GATEWAY"
+  PORT="$("$LOAD" free-port)"
+  ADMIN="$("$LOAD" free-port)"
+  while [[ "$ADMIN" == "$PORT" ]]; do ADMIN="$("$LOAD" free-port)"; done
+  cat >"$CONFIG" <<EOF
+# stomp-gateway configuration used by bench/compare.sh
+[server]
+listen = "127.0.0.1:$PORT"
+admin_listen = "127.0.0.1:$ADMIN"
+max_connections = 20000
+
+[session]
+# Client-leg heart-beats the gateway offers; each scenario picks its own in
+# CONNECT (0,0 for throughput, fan-out and storms; 10000,10000 for idle).
+# outbound_buffer_bytes is left at its default.
+heartbeat_send_ms = 10000
+heartbeat_receive_ms = 10000
+
+[broker]
+addresses = ["$STOMP_ADDR"]
+
+[log]
+filter = "warn"
+EOF
+  GW_URL="ws://127.0.0.1:$PORT/ws"
+fi
+
+start_gateway() {
+  "$GATEWAY" --config "$CONFIG" >>"$OUT/logs/gateway.log" 2>&1 &
+  GW_PID=$!
+  local deadline=$((SECONDS + 30))
+  until curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/readyz" 2>/dev/null; do
+    kill -0 "$GW_PID" 2>/dev/null || {
+      tail -n 20 "$OUT/logs/gateway.log" >&2
+      die "the gateway exited during startup"
+    }
+    ((SECONDS < deadline)) || die "the gateway was not ready within 30 s"
+    sleep 0.2
+  done
+  log "gateway ready: pid $GW_PID, $GW_URL"
+}
+
+stop_gateway() {
+  [[ -n "$GW_PID" ]] || return 0
+  kill -TERM "$GW_PID" 2>/dev/null || true
+  local deadline=$((SECONDS + 30))
+  while kill -0 "$GW_PID" 2>/dev/null; do
+    if ((SECONDS >= deadline)); then
+      log "gateway did not exit after SIGTERM; killing it"
+      kill -KILL "$GW_PID" 2>/dev/null || true
+    fi
+    sleep 0.2
+  done
+  wait "$GW_PID" 2>/dev/null || true
+  GW_PID=""
+}
+trap stop_gateway EXIT
+
+[[ -n "$GW_URL" ]] && start_gateway
+
+# ---- 5. the cases -------------------------------------------------------------
+# case -> stomp-load arguments, full and quick.
+declare -A FULL QUICK_ARGS
+FULL[throughput]="throughput --publishers 1 --subscribers 1 --size 100 --rate 0 --warmup 2 --duration 10 --drain-max 30"
+FULL[latency]="throughput --publishers 1 --subscribers 1 --size 100 --rate 2000 --warmup 2 --duration 10"
+FULL[fanout]="fanout --subscribers 500 --rate 20 --size 100 --warmup 2 --duration 10 --concurrency 50 --source-ips $SOURCE_IPS"
+FULL[connect-storm]="connect-storm --sessions 2000 --concurrency 50 --source-ips $SOURCE_IPS"
+FULL[idle]="idle --sessions 5000 --concurrency 100 --hold 30 --heart-beat 10000,10000 --source-ips $SOURCE_IPS"
+# Quick mode stays light on a shared machine: even "throughput" is paced.
+QUICK_ARGS[throughput]="throughput --publishers 1 --subscribers 1 --size 100 --rate 1000 --warmup 0.5 --duration 2"
+QUICK_ARGS[latency]="throughput --publishers 1 --subscribers 1 --size 100 --rate 200 --warmup 0.5 --duration 2"
+QUICK_ARGS[fanout]="fanout --subscribers 10 --rate 20 --size 100 --warmup 0.5 --duration 2"
+QUICK_ARGS[connect-storm]="connect-storm --sessions 50 --concurrency 10 --source-ips $SOURCE_IPS"
+QUICK_ARGS[idle]="idle --sessions 50 --concurrency 10 --hold 3 --settle 1 --heart-beat 10000,10000 --source-ips $SOURCE_IPS"
+
+FAILED=0
+run_case() {
+  local case="$1" target="$2" round="$3" url args name status=0
+  if ((QUICK)); then args="${QUICK_ARGS[$case]:-}"; else args="${FULL[$case]:-}"; fi
+  [[ -n "$args" ]] || die "unknown case $case"
+  if [[ "$target" == gateway ]]; then
+    url="$GW_URL"
+    # A fresh gateway process for idle density, so its RSS growth is not
+    # hidden by memory kept from earlier runs.
+    if [[ "$case" == idle ]]; then
+      stop_gateway
+      start_gateway
+    fi
+  else
+    url="$WEB_STOMP_URL"
+  fi
+  local measure=(--measure-pid "rabbitmq=$BEAM")
+  [[ -n "$GW_PID" ]] && measure+=(--measure-pid "gateway=$GW_PID")
+  name="$case.$target.r$round"
+  log "round $round/$ROUNDS: $case -> $target ($url)"
+  # shellcheck disable=SC2086 # $args is a word list on purpose
+  "$LOAD" $args --url "$url" "${measure[@]}" --progress 5 \
+    --tag "case=$case" --tag "target=$target" --tag "round=$round" \
+    >"$OUT/runs/$name.json.tmp" 2> >(tee "$OUT/logs/$name.log" >&2) || status=$?
+  if ((status == 0)) && [[ -s "$OUT/runs/$name.json.tmp" ]]; then
+    mv "$OUT/runs/$name.json.tmp" "$OUT/runs/$name.json"
+    if ! jq -e '.check.ok' "$OUT/runs/$name.json" >/dev/null 2>&1; then
+      log "  checks failed: $(jq -c '.check.failures' "$OUT/runs/$name.json" 2>/dev/null || echo '?')"
+    fi
+  else
+    FAILED=$((FAILED + 1))
+    log "  FAILED with status $status (log: $OUT/logs/$name.log)"
+  fi
+  sleep "$PAUSE_SECS"
+}
+
+IFS=',' read -r -a CASE_LIST <<<"$CASES"
+for case in "${CASE_LIST[@]}"; do
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for target in "${TARGETS[@]}"; do
+      run_case "$case" "$target" "$round"
+    done
+  done
+  # Let RabbitMQ finish closing connections and deleting queues.
+  ((QUICK)) || sleep 10
+done
+stop_gateway
+
+# ---- 6. the report ------------------------------------------------------------
+notes=(
+  --note "$RESTART_NOTE"
+  --note "Rounds: $ROUNDS per case and target, alternating gateway and direct; figures are medians."
+  --note "Connect storms, idle density and fan-out spread client sockets over source addresses $SOURCE_IPS to stay clear of the ephemeral-port limit."
+)
+if [[ -n "$GW_URL" ]]; then
+  notes+=(--note "The gateway was restarted before each idle-density run so that its RSS growth is measured from a fresh process; RabbitMQ was not (its allocators keep memory between runs, so its per-session figure is a lower bound).")
+fi
+((QUICK)) && notes+=(--note "Quick mode (--quick): tiny sizes and paced throughput; not a benchmark, only a check that the pipeline works.")
+((FAILED)) && notes+=(--note "$FAILED run(s) failed and are missing from the medians; see $OUT/logs.")
+gw_config=()
+[[ -f "$CONFIG" ]] && gw_config=(--gateway-config "$CONFIG")
+"$LOAD" report --runs "$OUT/runs" --markdown "$MARKDOWN" --svg "$SVG" \
+  --rabbitmq-version "$RABBIT_VERSION" --invocation "$INVOCATION" \
+  "${gw_config[@]}" "${notes[@]}"
+log "done: $MARKDOWN, $SVG; run JSON in $OUT/runs"
+((FAILED == 0)) || exit 1
