@@ -361,6 +361,12 @@ impl Driver {
     /// Publishes a client SEND to the application exchange; the session
     /// hears the confirm (or the refusal) through `handle_publish_result`.
     fn publish(&mut self, p: AppPublish) {
+        // STOMP's `persistent:true` (RabbitMQ's own convention) becomes AMQP
+        // delivery mode 2, so a durable backend queue keeps the message.
+        let persistent = p
+            .headers
+            .iter()
+            .any(|(k, v)| k == "persistent" && v.eq_ignore_ascii_case("true"));
         let mut headers = p.headers;
         headers.push(("stomp-session".into(), self.session.id().to_owned()));
         if let Some(user) = self.session.user() {
@@ -375,7 +381,7 @@ impl Driver {
             message_id: None,
             body: p.body,
             mandatory: true,
-            persistent: false,
+            persistent,
         };
         let control = self.shared.control.clone();
         let id = p.id;

@@ -8,8 +8,9 @@
 //! `E2E_KEEP_LOGS` is set.
 
 use crate::http;
-use crate::stomp::StompClient;
+use crate::stomp::{StompClient, ALL_SUBPROTOCOLS};
 use anyhow::{bail, Context, Result};
+use relay_core::{Command as StompCommand, Frame, Version};
 use std::fs::{self, File};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -90,17 +91,27 @@ pub struct GatewayBuilder {
     name: String,
     sections: Vec<(String, Vec<(String, String)>)>,
     env: Vec<(String, String)>,
+    /// Per-gateway app and user exchanges (the gateway declares them at
+    /// start), deleted when the gateway is dropped unless a test set its own.
+    own_exchanges: Vec<(&'static str, String)>,
 }
 
 impl GatewayBuilder {
     /// Test defaults: the local RabbitMQ, quick system-link reconnects and a
     /// debug log. `name` names the log and config files.
     pub fn new(name: &str) -> GatewayBuilder {
+        let app = crate::unique("e2e.gw.app");
+        let user = crate::unique("e2e.gw.user");
         GatewayBuilder {
             name: name.to_owned(),
             sections: Vec::new(),
             env: Vec::new(),
+            own_exchanges: Vec::new(),
         }
+        .set_str("app", "exchange", &app)
+        .set_str("user", "exchange", &user)
+        .owning("app", app)
+        .owning("user", user)
         .set("broker", "addresses", r#"["127.0.0.1:61613"]"#)
         .set("broker", "reconnect_initial_ms", "100")
         .set("broker", "reconnect_max_ms", "1000")
@@ -111,9 +122,18 @@ impl GatewayBuilder {
         )
     }
 
+    fn owning(mut self, section: &'static str, exchange: String) -> GatewayBuilder {
+        self.own_exchanges.push((section, exchange));
+        self
+    }
+
     /// Sets `[section] key = value`; `value` is TOML text (`"1000"`,
     /// `"\"guest\""`, `"[\"a\"]"`). Replaces an earlier value of the key.
     pub fn set(mut self, section: &str, key: &str, value: &str) -> GatewayBuilder {
+        if key == "exchange" {
+            // The test chose this exchange; it cleans it up itself.
+            self.own_exchanges.retain(|(s, _)| *s != section);
+        }
         let idx = match self.sections.iter().position(|(s, _)| s == section) {
             Some(i) => i,
             None => {
@@ -177,6 +197,29 @@ impl GatewayBuilder {
         self.launch("/healthz").await
     }
 
+    /// Starts the gateway for a run that must end on its own (a start-up
+    /// failure): waits up to `timeout` for the process to exit and returns
+    /// its exit code (`None` when killed by a signal) and its log. Panics
+    /// if it is still running then.
+    pub async fn start_expect_exit(self, timeout: Duration) -> (Option<i32>, String) {
+        let mut gw = self.spawn();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                return (status.code(), gw.log());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "gateway `{}` still running after {timeout:?}; log {}:\n{}",
+                    self.name,
+                    gw.log_path.display(),
+                    tail(&gw.log(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn launch(self, probe: &str) -> Gateway {
         let mut last_err = String::new();
         // A free port can be taken between picking it and the gateway binding
@@ -233,7 +276,12 @@ impl GatewayBuilder {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let mut exchanges = crate::Topology::new();
+        for (_, e) in &self.own_exchanges {
+            exchanges.track_exchange(e);
+        }
         Gateway {
+            exchanges,
             name: self.name.clone(),
             child,
             port,
@@ -247,6 +295,11 @@ impl GatewayBuilder {
 /// A running gateway process; killed on drop.
 #[derive(Debug)]
 pub struct Gateway {
+    /// Declared by this gateway from its test-default config; deleted on drop
+    /// (after the process is killed: fields drop after `Drop::drop`). Only
+    /// held for its own `Drop`.
+    #[allow(dead_code)]
+    exchanges: crate::Topology,
     name: String,
     child: Child,
     port: u16,
@@ -304,6 +357,27 @@ impl Gateway {
         http::request_async("GET", self.admin_addr(), path.to_owned(), None, None).await
     }
 
+    /// `POST <admin><path>` with a JSON `body` and, when given,
+    /// `Authorization: Bearer <token>` (the publish API).
+    pub async fn api_post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> Result<http::Response> {
+        let headers = token
+            .map(|t| vec![("Authorization".to_owned(), format!("Bearer {t}"))])
+            .unwrap_or_default();
+        http::request_with_headers_async(
+            "POST",
+            self.admin_addr(),
+            path.to_owned(),
+            headers,
+            Some(body.to_owned()),
+        )
+        .await
+    }
+
     /// Polls `path` on the admin port until it answers 200.
     pub async fn wait_for(&mut self, path: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -321,6 +395,54 @@ impl Gateway {
                 bail!("{path} not 200 after {timeout:?} (last: {last})");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Like [`client`](Self::client), with `extra` headers on the CONNECT
+    /// frame (for example `Authorization: Bearer <jwt>`); returns the
+    /// client and the CONNECTED frame.
+    pub async fn client_with(&self, extra: &[(&str, &str)]) -> Result<(StompClient, Frame)> {
+        let mut c = StompClient::connect_ws(&self.ws_url(), &ALL_SUBPROTOCOLS).await?;
+        let mut connect = StompClient::connect_frame(Version::V1_2, None, None, (0, 0));
+        for (k, v) in extra {
+            connect = connect.with_header(*k, *v);
+        }
+        c.send_frame(&connect).await?;
+        let connected = c.read_connected().await.with_context(|| {
+            format!(
+                "CONNECT to gateway `{}` (log {})",
+                self.name,
+                self.log_path.display()
+            )
+        })?;
+        Ok((c, connected))
+    }
+
+    /// Sends a CONNECT with `extra` headers that the gateway must refuse:
+    /// returns the ERROR frame, after checking the connection then closes.
+    pub async fn connect_refused(&self, extra: &[(&str, &str)]) -> Result<Frame> {
+        let mut c = StompClient::connect_ws(&self.ws_url(), &ALL_SUBPROTOCOLS).await?;
+        let mut connect = StompClient::connect_frame(Version::V1_2, None, None, (0, 0));
+        for (k, v) in extra {
+            connect = connect.with_header(*k, *v);
+        }
+        c.send_frame(&connect).await?;
+        let closed = c.expect_close(crate::WAIT).await?;
+        match closed
+            .frames
+            .iter()
+            .find(|f| f.command == StompCommand::Error)
+        {
+            Some(e) => Ok(e.clone()),
+            None => bail!(
+                "connection closed without an ERROR; frames: [{}]",
+                closed
+                    .frames
+                    .iter()
+                    .map(crate::show)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     }
 

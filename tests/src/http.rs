@@ -22,6 +22,26 @@ pub fn request(
     basic_auth: Option<(&str, &str)>,
     body: Option<&str>,
 ) -> Result<Response> {
+    let mut headers = Vec::new();
+    if let Some((user, pass)) = basic_auth {
+        headers.push((
+            "Authorization".to_owned(),
+            format!("Basic {}", base64(format!("{user}:{pass}").as_bytes())),
+        ));
+    }
+    request_with_headers(method, addr, path, &headers, body)
+}
+
+/// [`request`] with arbitrary extra request headers (for example
+/// `Authorization: Bearer ...`). A body is sent as `application/json`
+/// unless `headers` name another `Content-Type`.
+pub fn request_with_headers(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Option<&str>,
+) -> Result<Response> {
     let sock: SocketAddr = addr
         .parse()
         .with_context(|| format!("bad address {addr}"))?;
@@ -32,17 +52,17 @@ pub fn request(
     let body = body.unwrap_or("");
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n");
-    if let Some((user, pass)) = basic_auth {
-        req.push_str(&format!(
-            "Authorization: Basic {}\r\n",
-            base64(format!("{user}:{pass}").as_bytes())
-        ));
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
     }
     if method != "GET" && method != "HEAD" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -54,6 +74,21 @@ pub fn request(
         .read_to_end(&mut raw)
         .with_context(|| format!("reading the answer to {method} {path} from {addr}"))?;
     parse_response(&raw).with_context(|| format!("{method} http://{addr}{path}"))
+}
+
+/// [`request_with_headers`] on tokio's blocking pool.
+pub async fn request_with_headers_async(
+    method: &'static str,
+    addr: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Option<String>,
+) -> Result<Response> {
+    tokio::task::spawn_blocking(move || {
+        request_with_headers(method, &addr, &path, &headers, body.as_deref())
+    })
+    .await
+    .map_err(|e| anyhow!("HTTP task failed: {e}"))?
 }
 
 /// [`request`] on tokio's blocking pool.

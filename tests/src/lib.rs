@@ -10,9 +10,16 @@
 //! - [`rabbit`]: RabbitMQ topology and connection counting, with cleanup
 //!   guards.
 //! - [`http`]: a minimal blocking HTTP/1.1 client (admin and management APIs).
+//! - [`amqp`]: an AMQP 0-9-1 client (lapin) for what backends see of the
+//!   control plane.
+//! - [`jwt`]: tokens for gateways with `[auth] mode = "jwt"`.
+//! - [`backend`]: the example backend `chat-backend`, killed on drop.
 
+pub mod amqp;
+pub mod backend;
 pub mod gateway;
 pub mod http;
+pub mod jwt;
 pub mod proxy;
 pub mod rabbit;
 pub mod stomp;

@@ -101,6 +101,25 @@ impl Topology {
         self.items.push(Item::Queue("/".into(), name.into()));
     }
 
+    /// Deletes exchange `name` (in `/`) on drop, for exchanges a gateway
+    /// or a backend declares from its configuration.
+    pub fn track_exchange(&mut self, name: &str) {
+        self.items.push(Item::Exchange("/".into(), name.into()));
+    }
+
+    /// Binds queue `queue` to `exchange` with `routing_key` (in `/`). The
+    /// binding goes away with the queue or the exchange.
+    pub async fn bind(&mut self, exchange: &str, queue: &str, routing_key: &str) -> Result<()> {
+        let body = serde_json::json!({ "routing_key": routing_key });
+        mgmt(
+            "POST",
+            format!("/api/bindings/%2F/e/{exchange}/q/{queue}"),
+            Some(body.to_string()),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Creates a vhost and gives `guest` full permissions on it.
     pub async fn vhost(&mut self, name: &str) -> Result<()> {
         self.items.push(Item::Vhost(name.into()));
@@ -124,6 +143,21 @@ impl Topology {
             .and_then(|m| m.as_u64())
             .ok_or_else(|| anyhow!("no `messages` in {}", r.body))
     }
+}
+
+/// `GET <path>` on the management API as JSON (an error unless 2xx).
+pub async fn management_get(path: &str) -> Result<serde_json::Value> {
+    let r = mgmt("GET", path.to_owned(), None).await?;
+    serde_json::from_str(&r.body).with_context(|| format!("management API GET {path}: {}", r.body))
+}
+
+/// HTTP status of `GET <path>` on the management API (404 for a missing
+/// entity), without failing on non-2xx.
+pub async fn management_status(path: &str) -> Result<u16> {
+    let r = http::request_async("GET", MANAGEMENT.to_owned(), path.to_owned(), AUTH, None)
+        .await
+        .with_context(|| format!("management API GET {path}"))?;
+    Ok(r.status)
 }
 
 impl Drop for Topology {

@@ -538,31 +538,49 @@ async fn send_to_unserved_destination_gets_error_then_close() -> Result<()> {
 }
 
 #[tokio::test]
-async fn app_and_user_destinations_explain_the_control_plane() -> Result<()> {
-    let gw = Gateway::start("app_and_user_destinations").await;
-    for dest in ["/app/chat.sendMessage", "/user/queue/notifications"] {
-        let mut c = gw.client().await?;
-        let frame = if dest.starts_with("/app/") {
-            send(dest, "{}")
-        } else {
-            Frame::new(Command::Subscribe)
-                .with_header("id", "u")
-                .with_header("destination", dest)
-        };
-        c.send_frame(&frame).await?;
-        let closed = c.expect_close(WAIT).await?;
-        let err = closed
-            .frames
-            .iter()
-            .find(|f| f.command == Command::Error)
-            .unwrap_or_else(|| panic!("{dest}: no ERROR before close: {:?}", closed.frames));
-        let text = error_text(err);
-        assert!(
-            text.contains("amqp") || text.contains("control plane"),
-            "{dest}: the ERROR explains the AMQP control plane is needed: {}",
-            show(err)
-        );
-    }
+async fn app_and_user_destinations_are_served_by_the_control_plane() -> Result<()> {
+    // Exchanges of this test's own, deleted afterwards.
+    let (app, user) = (unique("app"), unique("user"));
+    let queue = unique("app-queue");
+    let mut topo = Topology::new();
+    topo.track_exchange(&app);
+    topo.track_exchange(&user);
+    let gw = Gateway::builder("app_and_user_destinations")
+        .set_str("app", "exchange", &app)
+        .set_str("user", "exchange", &user)
+        .start()
+        .await;
+    topo.queue(&queue).await?;
+    topo.bind(&app, &queue, "chat.sendMessage").await?;
+    let (mut c, connected) = gw.client_with(&[]).await?;
+    let session = connected.header("session").unwrap_or_default().to_owned();
+
+    // /app: published to the application exchange with routing key
+    // chat.sendMessage; the RECEIPT comes once the broker confirmed it.
+    c.send_with_receipt(send("/app/chat.sendMessage", "{}"))
+        .await?;
+    let amqp = e2e::amqp::Amqp::connect().await?;
+    amqp.wait_message_count(&queue, 1, WAIT).await?;
+
+    // /user: the session's own queue on the user exchange; an anonymous
+    // session's user name is `session-<session id>`.
+    c.subscribe("/user/queue/notifications", "u", &[]).await?;
+    let key = relay_core::destination::user_routing_key(
+        &format!("session-{session}"),
+        "queue/notifications",
+    );
+    amqp.publish(
+        &user,
+        &key,
+        b"for this session",
+        e2e::amqp::props(None, &[]),
+    )
+    .await?;
+    let m = c.expect(Command::Message, WAIT).await?;
+    assert_eq!(body_text(&m), "for this session", "{}", show(&m));
+    assert_eq!(m.header("destination"), Some("/user/queue/notifications"));
+    c.disconnect().await?;
+    amqp.close().await;
     Ok(())
 }
 
