@@ -6,11 +6,10 @@
 //! CONNECTED) belongs to whoever owns the connection: the session core for
 //! client sessions, [`crate::system`] for the system link.
 
-use bytes::BytesMut;
 use relay_core::{DecodeError, Decoder, Item, Limits, Version};
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 /// Why no broker connection could be made or kept.
@@ -57,20 +56,19 @@ pub async fn connect_tcp(
 pub struct FrameReader<R> {
     inner: R,
     decoder: Decoder,
-    buf: BytesMut,
 }
 
-/// Size of one read from the broker socket.
+/// Largest single read from the broker socket. The buffer lives on the
+/// stack only while a read is in progress, so an idle session holds none.
 const READ_CHUNK: usize = 16 * 1024;
 
-impl<R: AsyncRead + Unpin> FrameReader<R> {
+impl<R> FrameReader<R> {
     /// Wraps `inner`. Broker frames may be larger than client frames by the
     /// headers RabbitMQ adds, so the limits are the client's plus headroom.
     pub fn new(inner: R, limits: Limits) -> Self {
         FrameReader {
             inner,
             decoder: Decoder::new(limits),
-            buf: BytesMut::new(),
         }
     }
 
@@ -78,23 +76,26 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn set_version(&mut self, version: Version) {
         self.decoder.set_version(version);
     }
+}
 
+impl FrameReader<OwnedReadHalf> {
     /// The next frame or heart-beat; `Err(Closed)` on EOF.
     ///
-    /// Cancel-safe: bytes read are kept in the decoder, so dropping the
-    /// future (for example in `select!`) loses nothing.
+    /// Cancel-safe: it waits for readability, then reads without awaiting,
+    /// so dropping the future (for example in `select!`) loses nothing.
     pub async fn next(&mut self) -> Result<Item, BrokerError> {
         loop {
             if let Some(item) = self.decoder.decode()? {
                 return Ok(item);
             }
-            self.buf.clear();
-            self.buf.reserve(READ_CHUNK);
-            let n = self.inner.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return Err(BrokerError::Closed);
+            self.inner.readable().await?;
+            let mut chunk = [0u8; READ_CHUNK];
+            match self.inner.try_read(&mut chunk) {
+                Ok(0) => return Err(BrokerError::Closed),
+                Ok(n) => self.decoder.extend(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
             }
-            self.decoder.extend(&self.buf);
         }
     }
 }

@@ -132,7 +132,7 @@ impl Shared {
         let ws_config = WebSocketConfig::default()
             // The default 128 KiB read buffer is zero-filled per connection;
             // STOMP frames are small, the buffer grows when needed.
-            .read_buffer_size(8 * 1024)
+            .read_buffer_size(4 * 1024)
             .write_buffer_size(0)
             .max_message_size(Some(config.server.max_ws_message_size))
             .max_frame_size(Some(config.server.max_ws_message_size));

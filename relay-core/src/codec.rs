@@ -31,6 +31,9 @@ pub const HEARTBEAT: &[u8] = b"\n";
 /// Longest excerpt of offending input quoted in an error (in characters).
 const ERROR_EXCERPT: usize = 64;
 
+/// Buffer capacity an idle decoder may keep; more is released once drained.
+const IDLE_CAPACITY: usize = 1024;
+
 /// Decoder limits. Defaults: `max_frame_size` 65536 (64 KiB), `max_headers`
 /// 64, `max_header_line` 8192.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +185,15 @@ impl Decoder {
             return Err(e.clone());
         }
         match self.step() {
+            Ok(None) => {
+                // Idle connections should not keep the last burst's buffer.
+                // An empty buffer holds nothing to keep (`scanned` is 0 and
+                // `consumed` counts bytes already gone), so it can go.
+                if self.buf.is_empty() && self.buf.capacity() > IDLE_CAPACITY {
+                    self.buf = BytesMut::new();
+                }
+                Ok(None)
+            }
             Ok(item) => Ok(item),
             Err(e) => {
                 self.error = Some(e.clone());
@@ -940,5 +952,36 @@ mod tests {
         // Both bodies live in the same allocation, in wire order.
         let gap = b.body.as_ptr() as usize - a.body.as_ptr() as usize;
         assert_eq!(gap, 4 + 1 + "SEND\n\n".len());
+    }
+
+    #[test]
+    fn drained_decoder_releases_its_buffer() {
+        let mut d = Decoder::default();
+        let big = encode_to_bytes(
+            &Frame::new(Command::Send)
+                .with_header("destination", "/q")
+                .with_body(vec![b'x'; 8192]),
+            Version::V1_2,
+        );
+        d.extend(&big[..100]);
+        assert_eq!(d.decode(), Ok(None));
+        d.extend(&big[100..]);
+        assert!(matches!(d.decode(), Ok(Some(Item::Frame(_)))));
+        assert_eq!(d.decode(), Ok(None));
+        assert!(
+            d.buf.capacity() <= IDLE_CAPACITY,
+            "capacity {}",
+            d.buf.capacity()
+        );
+        // A frame split mid-headers keeps decoding correctly afterwards.
+        let f = Frame::new(Command::Send)
+            .with_header("destination", "/q")
+            .with_header("content-length", "2")
+            .with_body("hi");
+        let wire = encode_to_bytes(&f, Version::V1_2);
+        d.extend(&wire[..5]);
+        assert_eq!(d.decode(), Ok(None));
+        d.extend(&wire[5..]);
+        assert_eq!(d.decode(), Ok(Some(Item::Frame(f))));
     }
 }
