@@ -15,25 +15,34 @@
 //!   is false, health reports not ready and publishes fail fast with
 //!   [`PublishError::Unavailable`].
 //! - `amqp.pool_size` **publish connections** (`stomp-gateway <pod> publish`,
-//!   a `deadpool-lapin` pool), each carrying one long-lived confirm-mode
+//!   a `deadpool` pool), each carrying one long-lived confirm-mode
 //!   channel that many publishes share concurrently. A channel the broker
 //!   closed is replaced on its next use.
+//! - **Failover**: every connection (control and publish) tries `amqp.url`,
+//!   then each of `amqp.failover_urls`, in order, and takes the first that
+//!   answers; at start and on every reconnect. `amqps://` URLs use rustls
+//!   (ring) with `[amqp.tls]`: its CA bundle on top of the public roots
+//!   built into the binary, and its client certificate when set.
 //! - Publishing to an exchange the gateway does not know (not built in, not
 //!   declared by it) first checks that it exists with a passive declare on a
 //!   throw-away channel, so a publish to a missing exchange fails on its own
 //!   and does not close the shared channel under other publishes. Positive
 //!   answers are cached for a minute.
 
-use crate::config::{ArgValue, Arguments, Config, ExchangeType, BUILTIN_EXCHANGES};
+use crate::broker::TlsError;
+use crate::config::{
+    mask_url_password, AmqpTlsConfig, ArgValue, Arguments, Config, ExchangeType, BUILTIN_EXCHANGES,
+};
 use crate::health::Health;
 use bytes::Bytes;
-use deadpool_lapin::{PoolConfig, Runtime, Timeouts};
+use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -138,7 +147,111 @@ pub enum ControlPlaneError {
     /// Any other declaration failure.
     #[error("cannot declare {entity}: {detail}")]
     Declare { entity: String, detail: String },
+    /// `[amqp.tls]` cannot be used (a file became unreadable after the
+    /// configuration was validated).
+    #[error("AMQP TLS: {0}")]
+    Tls(#[from] TlsError),
 }
+
+/// The lapin TLS settings for `amqps://` URLs from `[amqp.tls]`: the CA
+/// bundle (trusted on top of the public roots built into the binary) and
+/// the client certificate and key, each read and checked. Plain `amqp://`
+/// URLs ignore it.
+pub fn tls_config(tls: &AmqpTlsConfig) -> Result<OwnedTLSConfig, TlsError> {
+    let cert_chain = if tls.ca_file.is_empty() {
+        None
+    } else {
+        crate::broker::load_ca_certificates("amqp.tls.ca_file", &tls.ca_file)?;
+        Some(read_text("amqp.tls.ca_file", &tls.ca_file)?)
+    };
+    let identity =
+        match crate::broker::load_client_identity("amqp.tls", &tls.cert_file, &tls.key_file)? {
+            None => None,
+            Some(_) => Some(OwnedIdentity::PKCS8 {
+                pem: read_text("amqp.tls.cert_file", &tls.cert_file)?.into_bytes(),
+                key: read_text("amqp.tls.key_file", &tls.key_file)?.into_bytes(),
+            }),
+        };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+fn read_text(key: &str, path: &str) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|e| TlsError::Read {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Connects to the first of `urls` that answers within `timeout` (each);
+/// returns the connection and the index of its URL, or every URL's failure
+/// (passwords masked).
+async fn connect_any(
+    urls: &[String],
+    tls: &OwnedTLSConfig,
+    props: impl Fn() -> ConnectionProperties,
+    timeout: Duration,
+) -> Result<(Connection, usize), String> {
+    let mut failures = Vec::with_capacity(urls.len());
+    for (i, url) in urls.iter().enumerate() {
+        let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+        let attempt = Connection::connect_with_config(url, props(), tls.clone(), runtime);
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(conn)) => return Ok((conn, i)),
+            Ok(Err(e)) => failures.push(format!("{}: {e}", mask_url_password(url))),
+            Err(_) => failures.push(format!(
+                "{}: no connection within {} ms (amqp.connect_timeout_ms)",
+                mask_url_password(url),
+                timeout.as_millis()
+            )),
+        }
+    }
+    Err(failures.join("; "))
+}
+
+/// Creates the publish connections of the pool, with the same URL
+/// failover and TLS as the control connection.
+struct PublishManager {
+    urls: Arc<Vec<String>>,
+    tls: OwnedTLSConfig,
+    name: String,
+    connect_timeout: Duration,
+}
+
+impl deadpool::managed::Manager for PublishManager {
+    type Type = Connection;
+    type Error = String;
+
+    async fn create(&self) -> Result<Connection, String> {
+        let props =
+            || ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let (conn, i) = connect_any(&self.urls, &self.tls, props, self.connect_timeout).await?;
+        debug!(
+            "AMQP publish connection opened to {}",
+            self.urls
+                .get(i)
+                .map(|u| mask_url_password(u))
+                .unwrap_or_default()
+        );
+        Ok(conn)
+    }
+
+    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<String> {
+        if conn.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message(format!(
+                "the AMQP publish connection is {}",
+                conn.status().state_name()
+            )))
+        }
+    }
+}
+
+type PublishPool = deadpool::managed::Pool<PublishManager>;
 
 /// Counts of what one topology declaration declared.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -160,7 +273,7 @@ enum DeclareFailure {
 struct PubChannel {
     /// Held so the slot keeps its own connection; returned to the pool when
     /// the slot is reset.
-    conn: deadpool_lapin::Connection,
+    conn: deadpool::managed::Object<PublishManager>,
     channel: Channel,
     /// Tells a replaced channel from the current one.
     serial: u64,
@@ -176,7 +289,11 @@ struct Inner {
     up: AtomicBool,
     down_reason: Mutex<String>,
     inflight: Arc<Semaphore>,
-    pool: deadpool_lapin::Pool,
+    pool: PublishPool,
+    /// `amqp.url`, then `amqp.failover_urls`.
+    urls: Arc<Vec<String>>,
+    /// For `amqps://` URLs.
+    tls: OwnedTLSConfig,
     slots: Vec<tokio::sync::Mutex<Option<PubChannel>>>,
     next_slot: AtomicUsize,
     next_serial: AtomicU64,
@@ -203,7 +320,8 @@ impl ControlPlane {
         health: Arc<Health>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<ControlPlane, ControlPlaneError> {
-        Self::start_as(config, health, shutdown, pod_id_from_env()).await
+        let pod_id = config.pod_id();
+        Self::start_as(config, health, shutdown, pod_id).await
     }
 
     /// [`ControlPlane::start`] with an explicit pod id instead of the one
@@ -217,29 +335,29 @@ impl ControlPlane {
         let amqp = &config.amqp;
         let connect_timeout = Duration::from_millis(amqp.connect_timeout_ms.max(1));
         let pool_size = amqp.pool_size.max(1);
-        let publish_name = format!("stomp-gateway {pod_id} publish");
-        let pool = deadpool_lapin::Config {
-            url: Some(amqp.url.clone()),
-            pool: Some(PoolConfig {
-                max_size: pool_size,
-                timeouts: Timeouts {
-                    wait: Some(connect_timeout),
-                    create: Some(connect_timeout),
-                    recycle: Some(connect_timeout),
-                },
-                queue_mode: Default::default(),
-            }),
-        }
-        .create_pool(
-            move || {
-                ConnectionProperties::default().with_connection_name(publish_name.clone().into())
-            },
-            Runtime::Tokio1,
-        )
-        .map_err(|e| ControlPlaneError::Declare {
-            entity: "the AMQP connection pool".into(),
-            detail: e.to_string(),
-        })?;
+        let urls: Arc<Vec<String>> = Arc::new(amqp.urls().map(str::to_owned).collect());
+        let tls = tls_config(&amqp.tls)?;
+        health.set_pod_id(&pod_id);
+        // Creating one connection may try every URL.
+        let create_timeout =
+            connect_timeout.saturating_mul(u32::try_from(urls.len()).unwrap_or(u32::MAX));
+        let manager = PublishManager {
+            urls: urls.clone(),
+            tls: tls.clone(),
+            name: format!("stomp-gateway {pod_id} publish"),
+            connect_timeout,
+        };
+        let pool = PublishPool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(create_timeout))
+            .create_timeout(Some(create_timeout))
+            .recycle_timeout(Some(connect_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| ControlPlaneError::Declare {
+                entity: "the AMQP connection pool".into(),
+                detail: e.to_string(),
+            })?;
 
         let mut known_exchanges: Vec<String> = BUILTIN_EXCHANGES
             .iter()
@@ -263,6 +381,8 @@ impl ControlPlane {
             down_reason: Mutex::new("not connected yet".into()),
             inflight: Arc::new(Semaphore::new(amqp.max_inflight_publishes.max(1))),
             pool,
+            urls,
+            tls,
             slots: (0..pool_size)
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
@@ -276,10 +396,10 @@ impl ControlPlane {
         });
 
         let first = match inner.connect().await {
-            Ok(conn) => match inner.declare(&conn).await {
+            Ok((conn, node)) => match inner.declare(&conn).await {
                 Ok(counts) => {
                     inner.log_declared(counts);
-                    Some(conn)
+                    Some((conn, node))
                 }
                 Err(DeclareFailure::Entity(e)) => {
                     error!("AMQP topology declaration failed: {e}");
@@ -297,15 +417,15 @@ impl ControlPlane {
                 inner.set_down(&e);
                 warn!(
                     "cannot connect to RabbitMQ over AMQP at {}: {e}; retrying in the background (not ready until connected)",
-                    inner.masked_url()
+                    inner.masked_urls()
                 );
                 None
             }
         };
-        if let Some(conn) = &first {
+        if let Some((conn, node)) = &first {
             inner.warm_up().await;
             if conn.status().connected() {
-                inner.set_up();
+                inner.set_up(node);
             }
         }
         tokio::spawn(supervise(inner.clone(), first, shutdown));
@@ -326,8 +446,9 @@ impl ControlPlane {
         self.inner.up.load(Ordering::SeqCst)
     }
 
-    /// This process's name: `POD_NAME`, else the host name, else
-    /// `stomp-gateway`. Sent as the AMQP `app_id` of every publish.
+    /// This process's name ([`Config::pod_id`]: `server.pod_id`, else
+    /// `POD_NAME`, else the host name, else `stomp-gateway`). Sent as the
+    /// AMQP `app_id` of every publish.
     pub fn pod_id(&self) -> &str {
         &self.inner.pod_id
     }
@@ -351,8 +472,13 @@ impl ControlPlane {
 }
 
 impl Inner {
-    fn masked_url(&self) -> String {
-        crate::config::mask_url_password(&self.config.amqp.url)
+    /// Every URL, passwords masked, in the order they are tried.
+    fn masked_urls(&self) -> String {
+        self.urls
+            .iter()
+            .map(|u| mask_url_password(u))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn connect_timeout(&self) -> Duration {
@@ -369,9 +495,10 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn set_up(&self) {
+    /// Up, with the control connection on `node` (password masked).
+    fn set_up(&self, node: &str) {
         self.up.store(true, Ordering::SeqCst);
-        self.health.set_amqp_up();
+        self.health.set_amqp_up_at(node);
     }
 
     fn set_down(&self, error: &str) {
@@ -385,30 +512,27 @@ impl Inner {
         format!("{}-{n}", self.id_prefix)
     }
 
-    /// Opens the control connection.
-    async fn connect(&self) -> Result<Connection, String> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("stomp-gateway {} control", self.pod_id).into());
-        match tokio::time::timeout(
-            self.connect_timeout(),
-            Connection::connect(&self.config.amqp.url, props),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
-                info!(
-                    "AMQP control plane connected to {} as \"stomp-gateway {} control\"",
-                    self.masked_url(),
-                    self.pod_id
-                );
-                Ok(conn)
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "no connection within {} ms (amqp.connect_timeout_ms)",
-                self.config.amqp.connect_timeout_ms
-            )),
-        }
+    /// Opens the control connection to the first URL that answers; returns
+    /// it and that node (its URL, password masked).
+    async fn connect(&self) -> Result<(Connection, String), String> {
+        let name = format!("stomp-gateway {} control", self.pod_id);
+        let props = || ConnectionProperties::default().with_connection_name(name.clone().into());
+        let (conn, i) = connect_any(&self.urls, &self.tls, props, self.connect_timeout()).await?;
+        let node = self
+            .urls
+            .get(i)
+            .map(|u| mask_url_password(u))
+            .unwrap_or_default();
+        let which = if i == 0 {
+            "amqp.url".to_owned()
+        } else {
+            format!("amqp.failover_urls[{}]", i - 1)
+        };
+        info!(
+            node = %node,
+            "AMQP control plane connected to {node} ({which}) as \"{name}\""
+        );
+        Ok((conn, node))
     }
 
     fn log_declared(&self, c: TopologyCounts) {
@@ -710,7 +834,7 @@ impl Inner {
             }
         }
         info!("AMQP control plane closed");
-        let _ = self.stopped.send(true);
+        self.stopped.send_replace(true);
     }
 }
 
@@ -719,7 +843,7 @@ impl Inner {
 /// again. Returns on shutdown.
 async fn supervise(
     inner: Arc<Inner>,
-    mut conn: Option<Connection>,
+    mut conn: Option<(Connection, String)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let amqp = &inner.config.amqp;
@@ -729,11 +853,11 @@ async fn supervise(
     let mut logged_failure = conn.is_none();
     let mut last_log = Instant::now();
     loop {
-        if let Some(c) = conn.take() {
+        if let Some((c, node)) = conn.take() {
             match watch_connection(&c, &mut shutdown).await {
                 None => return inner.shut_down(Some(c)).await,
                 Some(reason) => {
-                    warn!("AMQP connection lost: {reason}; reconnecting");
+                    warn!("AMQP connection to {node} lost: {reason}; reconnecting");
                     inner.set_down(&format!("connection lost: {reason}"));
                     drop(c);
                     attempt = 0;
@@ -750,10 +874,10 @@ async fn supervise(
         }
         attempt = attempt.saturating_add(1);
         let result = match inner.connect().await {
-            Ok(c) => match inner.declare(&c).await {
+            Ok((c, node)) => match inner.declare(&c).await {
                 Ok(counts) => {
                     inner.log_declared(counts);
-                    Ok(c)
+                    Ok((c, node))
                 }
                 Err(DeclareFailure::Entity(e)) => {
                     let _ = c.close(200, "topology declaration failed".into()).await;
@@ -765,9 +889,9 @@ async fn supervise(
             Err(e) => Err(e),
         };
         match result {
-            Ok(c) => {
+            Ok((c, node)) => {
                 inner.warm_up().await;
-                inner.set_up();
+                inner.set_up(&node);
                 if let Some(since) = failing_since.take() {
                     info!(
                         "AMQP control plane up again after {attempt} attempts ({:.1} s)",
@@ -775,7 +899,7 @@ async fn supervise(
                     );
                 }
                 attempt = 0;
-                conn = Some(c);
+                conn = Some((c, node));
             }
             Err(e) => {
                 inner.set_down(&e);
@@ -785,7 +909,7 @@ async fn supervise(
                     logged_failure = true;
                     warn!(
                         "still cannot connect to RabbitMQ over AMQP at {} ({attempt} attempts in {:.0} s): {e}",
-                        inner.masked_url(),
+                        inner.masked_urls(),
                         since.elapsed().as_secs_f64()
                     );
                     last_log = Instant::now();
@@ -882,27 +1006,6 @@ fn short(s: &str, what: &str) -> Result<ShortString, PublishError> {
             s.len()
         ))
     })
-}
-
-/// `POD_NAME`, else the host name (`/etc/hostname`, then `HOSTNAME`), else
-/// `stomp-gateway`; at most 100 bytes.
-fn pod_id_from_env() -> String {
-    let candidates = [
-        std::env::var("POD_NAME").ok(),
-        std::fs::read_to_string("/etc/hostname").ok(),
-        std::env::var("HOSTNAME").ok(),
-    ];
-    let name = candidates
-        .into_iter()
-        .flatten()
-        .map(|s| s.trim().to_owned())
-        .find(|s| !s.is_empty() && !s.chars().any(char::is_control))
-        .unwrap_or_else(|| "stomp-gateway".to_owned());
-    let mut end = name.len().min(100);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name[..end].to_owned()
 }
 
 fn field_table(args: &Arguments) -> Result<FieldTable, String> {
@@ -1389,9 +1492,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn pod_id_is_never_empty() {
-        let id = pod_id_from_env();
+    fn pod_id_comes_from_the_config() {
+        let mut c = Config::default();
+        let id = c.pod_id();
         assert!(!id.is_empty() && id.len() <= 100);
+        c.server.pod_id = "gw-1".into();
+        assert_eq!(c.pod_id(), "gw-1");
     }
 
     #[tokio::test]
@@ -1874,6 +1980,157 @@ pub(crate) mod tests {
             cp.publish(msg)
                 .await
                 .expect("permit released after the confirm");
+        })
+        .await;
+    }
+
+    #[test]
+    fn tls_config_reads_and_checks_the_files() {
+        use crate::broker::tests::{test_pki, Dir};
+        let dir = Dir::new("amqp-tls");
+        let pki = test_pki(&["127.0.0.1"]);
+        let ca = dir.write("ca.pem", &pki.ca_pem);
+        let cert = dir.write("cert.pem", &pki.cert_pem);
+        let key = dir.write("key.pem", &pki.key_pem);
+        assert_eq!(
+            tls_config(&AmqpTlsConfig::default()).unwrap(),
+            OwnedTLSConfig::default()
+        );
+        let t = tls_config(&AmqpTlsConfig {
+            ca_file: ca.clone(),
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        })
+        .unwrap();
+        assert_eq!(t.cert_chain.as_deref(), Some(pki.ca_pem.as_str()));
+        assert_eq!(
+            t.identity,
+            Some(OwnedIdentity::PKCS8 {
+                pem: pki.cert_pem.clone().into_bytes(),
+                key: pki.key_pem.clone().into_bytes(),
+            })
+        );
+        let e = tls_config(&AmqpTlsConfig {
+            ca_file: key.clone(),
+            ..AmqpTlsConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.key(), "amqp.tls.ca_file", "{e}");
+        let e = tls_config(&AmqpTlsConfig {
+            key_file: key,
+            ..AmqpTlsConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.key(), "amqp.tls.cert_file", "{e}");
+    }
+
+    #[tokio::test]
+    async fn fails_over_to_the_next_url_and_names_the_node() {
+        let mut c = test_config();
+        c.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+        c.amqp.failover_urls = vec![AMQP_URL.into()];
+        c.amqp.pool_size = 1;
+        let xs = vec![c.app.exchange.clone(), c.user.exchange.clone()];
+        with_cleanup(xs, vec![], async move {
+            let health = Arc::new(Health::new());
+            let (tx, rx) = watch::channel(false);
+            let cp = ControlPlane::start(Arc::new(c), health.clone(), rx)
+                .await
+                .expect("start");
+            assert!(cp.is_up());
+            assert_eq!(
+                health.amqp_node().as_deref(),
+                Some("amqp://guest:******@127.0.0.1:5672/%2f")
+            );
+            assert_eq!(
+                health.details()["amqp"]["node"],
+                "amqp://guest:******@127.0.0.1:5672/%2f"
+            );
+            assert_eq!(health.pod_id().as_deref(), Some(cp.pod_id()));
+            // The publish pool fails over too.
+            cp.publish(OutboundMessage {
+                exchange: "amq.topic".into(),
+                routing_key: "sg-test.failover".into(),
+                headers: vec![],
+                content_type: None,
+                message_id: None,
+                body: Bytes::from_static(b"x"),
+                mandatory: false,
+                persistent: false,
+            })
+            .await
+            .expect("published through the failover node");
+            tx.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(15), cp.closed())
+                .await
+                .expect("closed");
+        })
+        .await;
+    }
+
+    /// Needs RabbitMQ's AMQP port 5672, reached through an in-process TLS
+    /// terminator.
+    #[tokio::test]
+    async fn connects_over_tls_with_the_configured_ca() {
+        use crate::broker::tests::{test_pki, tls_terminator, Dir};
+        let dir = Dir::new("amqps");
+        let pki = test_pki(&["127.0.0.1"]);
+        let addr = tls_terminator(&pki, "127.0.0.1:5672").await;
+        let mut c = test_config();
+        c.amqp.url = format!("amqps://guest:guest@{addr}/%2f");
+        c.amqp.pool_size = 1;
+        c.amqp.tls.ca_file = dir.write("ca.pem", &pki.ca_pem);
+        let untrusted = {
+            let mut u = c.clone();
+            let other = test_pki(&["127.0.0.1"]);
+            u.amqp.tls.ca_file = dir.write("other.pem", &other.ca_pem);
+            u.amqp.reconnect_initial_ms = 50;
+            u.amqp.reconnect_max_ms = 100;
+            u
+        };
+        let xs = vec![c.app.exchange.clone(), c.user.exchange.clone()];
+        with_cleanup(xs, vec![], async move {
+            let health = Arc::new(Health::new());
+            let (tx, rx) = watch::channel(false);
+            let cp = ControlPlane::start(Arc::new(c), health.clone(), rx)
+                .await
+                .expect("start");
+            assert!(cp.is_up(), "{}", health.details());
+            assert_eq!(
+                health.amqp_node(),
+                Some(format!("amqps://guest:******@{addr}/%2f"))
+            );
+            cp.publish(OutboundMessage {
+                exchange: "amq.topic".into(),
+                routing_key: "sg-test.tls".into(),
+                headers: vec![],
+                content_type: None,
+                message_id: None,
+                body: Bytes::from_static(b"x"),
+                mandatory: false,
+                persistent: false,
+            })
+            .await
+            .expect("published over TLS");
+            tx.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(15), cp.closed())
+                .await
+                .expect("closed");
+
+            // Another CA: not up, and the reason is the certificate.
+            let health = Arc::new(Health::new());
+            let (tx, rx) = watch::channel(false);
+            let cp = ControlPlane::start(Arc::new(untrusted), health.clone(), rx)
+                .await
+                .expect("an untrusted certificate is not fatal");
+            assert!(!cp.is_up());
+            let e = health.amqp_last_error().unwrap_or_default();
+            assert!(e.to_lowercase().contains("certificate"), "{e}");
+            assert!(!e.contains("guest:guest"), "{e}");
+            tx.send(true).unwrap();
+            tokio::time::timeout(Duration::from_secs(15), cp.closed())
+                .await
+                .expect("closed");
         })
         .await;
     }

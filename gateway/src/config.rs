@@ -69,6 +69,13 @@ pub struct ServerConfig {
     pub message_type: MessageType,
     /// Maximum size of one inbound WebSocket message (bytes).
     pub max_ws_message_size: usize,
+    /// This process's name in logs, readiness and the AMQP `app_id`; empty:
+    /// `POD_NAME`, else the host name, else `stomp-gateway` (see
+    /// [`Config::pod_id`]).
+    pub pod_id: String,
+    /// On SIGTERM, sessions are closed at jittered moments spread over this
+    /// period (ms); 0 closes them all at once.
+    pub drain_period_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +88,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             message_type: MessageType::Auto,
             max_ws_message_size: 256 * 1024,
+            pod_id: String::new(),
+            drain_period_ms: 20_000,
         }
     }
 }
@@ -159,6 +168,39 @@ pub struct BrokerConfig {
     pub reconnect_max_ms: u64,
     /// Destination prefixes relayed to the broker.
     pub relay_prefixes: Vec<String>,
+    /// `[broker.tls]`: TLS to the STOMP plugin (client sessions and the
+    /// system link).
+    pub tls: TlsConfig,
+}
+
+/// `[broker.tls]`: TLS for the STOMP connections to the broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Connect to every broker address with TLS.
+    pub enabled: bool,
+    /// PEM bundle of the CA certificates to trust; required when enabled.
+    pub ca_file: String,
+    /// PEM client certificate chain for mutual TLS (optional).
+    pub cert_file: String,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// Name verified in the broker's certificate and sent as SNI; empty: the
+    /// host part of each broker address.
+    pub server_name: String,
+}
+
+/// `[amqp.tls]`: certificates for `amqps://` URLs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpTlsConfig {
+    /// PEM bundle of CA certificates to trust (besides the bundled public
+    /// roots).
+    pub ca_file: String,
+    /// PEM client certificate chain for mutual TLS (optional).
+    pub cert_file: String,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
 }
 
 impl Default for BrokerConfig {
@@ -188,6 +230,7 @@ impl Default for BrokerConfig {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -215,6 +258,19 @@ pub struct AmqpConfig {
     pub max_inflight_publishes: usize,
     /// How long a publish waits for the broker's confirm (ms).
     pub publish_timeout_ms: u64,
+    /// More URLs tried in order after `url`, at start and on every reconnect
+    /// (other nodes of the cluster). Passwords are masked by
+    /// [`Config::masked`].
+    pub failover_urls: Vec<String>,
+    /// `[amqp.tls]`: certificates for `amqps://` URLs.
+    pub tls: AmqpTlsConfig,
+}
+
+impl AmqpConfig {
+    /// `url`, then `failover_urls`, in the order they are tried.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.failover_urls.iter().map(String::as_str))
+    }
 }
 
 impl Default for AmqpConfig {
@@ -227,6 +283,8 @@ impl Default for AmqpConfig {
             reconnect_max_ms: 30_000,
             max_inflight_publishes: 1024,
             publish_timeout_ms: 10_000,
+            failover_urls: Vec::new(),
+            tls: AmqpTlsConfig::default(),
         }
     }
 }
@@ -975,13 +1033,19 @@ impl Config {
     }
 
     /// A copy with the secrets replaced by [`MASK`], for printing: the broker
-    /// passcodes, the password in `amqp.url`, and `api.token` and
+    /// passcodes, the passwords in `amqp.url` and `amqp.failover_urls`, and `api.token` and
     /// `auth.jwt_secret` when set.
     pub fn masked(&self) -> Config {
         let mut c = self.clone();
         c.broker.client_passcode = MASK.into();
         c.broker.system_passcode = MASK.into();
         c.amqp.url = mask_url_password(&self.amqp.url);
+        c.amqp.failover_urls = self
+            .amqp
+            .failover_urls
+            .iter()
+            .map(|u| mask_url_password(u))
+            .collect();
         if !c.api.token.is_empty() {
             c.api.token = MASK.into();
         }
@@ -989,6 +1053,30 @@ impl Config {
             c.auth.jwt_secret = MASK.into();
         }
         c
+    }
+
+    /// This process's name: `server.pod_id` when set, else `POD_NAME`, else
+    /// the host name (`/etc/hostname`, then `HOSTNAME`), else
+    /// `stomp-gateway`. At most 100 bytes, no control characters. Used in
+    /// logs, readiness and as the AMQP `app_id`.
+    pub fn pod_id(&self) -> String {
+        let candidates = [
+            Some(self.server.pod_id.clone()),
+            std::env::var("POD_NAME").ok(),
+            std::fs::read_to_string("/etc/hostname").ok(),
+            std::env::var("HOSTNAME").ok(),
+        ];
+        let name = candidates
+            .into_iter()
+            .flatten()
+            .map(|s| s.trim().to_owned())
+            .find(|s| !s.is_empty() && !s.chars().any(char::is_control))
+            .unwrap_or_else(|| "stomp-gateway".to_owned());
+        let mut end = name.len().min(MAX_POD_ID_BYTES);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name[..end].to_owned()
     }
 
     /// Whether `name` is an exchange that exists without being declared in
@@ -1184,6 +1272,10 @@ impl Config {
 
 /// Longest exchange, queue or routing key name AMQP allows (a short string).
 const MAX_NAME_BYTES: usize = 255;
+/// Longest `server.pod_id` (it goes into AMQP short strings with more).
+const MAX_POD_ID_BYTES: usize = 100;
+/// Largest `server.drain_period_ms`: 10 minutes.
+const MAX_DRAIN_PERIOD_MS: u64 = 600_000;
 
 /// What a known argument must hold.
 #[derive(Debug, Clone, Copy)]
@@ -1382,6 +1474,27 @@ impl ServerConfig {
             }
         }
         positive("server.max_connections", self.max_connections as u64)?;
+        if self.pod_id.len() > MAX_POD_ID_BYTES {
+            return Err(ConfigError::invalid(
+                "server.pod_id",
+                format!("is longer than {MAX_POD_ID_BYTES} bytes"),
+            ));
+        }
+        if self.pod_id.chars().any(char::is_control) {
+            return Err(ConfigError::invalid(
+                "server.pod_id",
+                "must not contain control characters",
+            ));
+        }
+        if self.drain_period_ms > MAX_DRAIN_PERIOD_MS {
+            return Err(ConfigError::invalid(
+                "server.drain_period_ms",
+                format!(
+                    "{} is greater than the maximum of {MAX_DRAIN_PERIOD_MS} (10 minutes)",
+                    self.drain_period_ms
+                ),
+            ));
+        }
         if self.max_ws_message_size < session.max_frame_size {
             return Err(ConfigError::invalid(
                 "server.max_ws_message_size",
@@ -1453,8 +1566,15 @@ impl BrokerConfig {
                 ),
             ));
         }
+        // Reads and parses the files, as the gateway does at start.
+        crate::broker::BrokerTls::from_config(&self.tls).map_err(tls_error)?;
         Ok(())
     }
+}
+
+/// A TLS settings error as a configuration error about the same key.
+fn tls_error(e: crate::broker::TlsError) -> ConfigError {
+    ConfigError::invalid(e.key(), e.reason())
 }
 
 /// `host:port` with a non-empty host (an IPv6 address in brackets) and a
@@ -1477,26 +1597,34 @@ fn is_host_port(s: &str) -> bool {
     host_ok && matches!(port.parse::<u16>(), Ok(p) if p != 0)
 }
 
+/// An `amqp://` or `amqps://` URL that lapin can parse.
+fn amqp_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{:?} must start with amqp:// or amqps://",
+                mask_url_password(url)
+            ),
+        ));
+    }
+    if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{:?} is not a valid AMQP URL: {e}", mask_url_password(url)),
+        ));
+    }
+    Ok(())
+}
+
 impl AmqpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
-            return Err(ConfigError::invalid(
-                "amqp.url",
-                format!(
-                    "{:?} must start with amqp:// or amqps://",
-                    mask_url_password(&self.url)
-                ),
-            ));
+        amqp_url("amqp.url", &self.url)?;
+        for (i, url) in self.failover_urls.iter().enumerate() {
+            amqp_url(&format!("amqp.failover_urls[{i}]"), url)?;
         }
-        if let Err(e) = self.url.parse::<lapin::uri::AMQPUri>() {
-            return Err(ConfigError::invalid(
-                "amqp.url",
-                format!(
-                    "{:?} is not a valid AMQP URL: {e}",
-                    mask_url_password(&self.url)
-                ),
-            ));
-        }
+        // Reads and parses the files, as the gateway does at start.
+        crate::amqp::tls_config(&self.tls).map_err(tls_error)?;
         positive("amqp.pool_size", self.pool_size as u64)?;
         positive("amqp.connect_timeout_ms", self.connect_timeout_ms)?;
         positive("amqp.reconnect_initial_ms", self.reconnect_initial_ms)?;
@@ -2678,5 +2806,284 @@ arguments = { "x-match" = "any", "Severity" = "high" }
         );
         assert!(!is_gateway_var("GATEWAY_CONFIG"));
         assert!(!is_gateway_var("GATEWAY__"));
+    }
+
+    #[test]
+    fn server_identity_and_drain_keys() {
+        let c = Config::default();
+        assert_eq!(c.server.pod_id, "");
+        assert_eq!(c.server.drain_period_ms, 20_000);
+        let id = c.pod_id();
+        assert!(!id.is_empty() && id.len() <= MAX_POD_ID_BYTES, "{id:?}");
+
+        let mut c = Config::default();
+        c.server.pod_id = "  gw-7  ".into();
+        assert_eq!(c.pod_id(), "gw-7");
+        c.server.drain_period_ms = 0;
+        c.validate().expect("drain 0 is valid");
+        c.server.drain_period_ms = MAX_DRAIN_PERIOD_MS;
+        c.validate().expect("drain 600000 is valid");
+
+        let cases: Vec<(&str, &str, Mutation)> = vec![
+            (
+                "server.pod_id",
+                "longer than 100",
+                Box::new(|c| c.server.pod_id = "p".repeat(101)),
+            ),
+            (
+                "server.pod_id",
+                "control characters",
+                Box::new(|c| c.server.pod_id = "a\tb".into()),
+            ),
+            (
+                "server.drain_period_ms",
+                "maximum of 600000",
+                Box::new(|c| c.server.drain_period_ms = 600_001),
+            ),
+        ];
+        for (key, reason, mutate) in cases {
+            let mut c = Config::default();
+            mutate(&mut c);
+            let e = c.validate().expect_err(key);
+            assert_eq!(e.key(), Some(key), "{e}");
+            assert!(e.to_string().contains(reason), "{key}: {e}");
+        }
+
+        let c = load_from(
+            None,
+            env(&[
+                ("GATEWAY__SERVER__POD_ID", "gw-env"),
+                ("GATEWAY__SERVER__DRAIN_PERIOD_MS", "1500"),
+            ]),
+        )
+        .expect("env loads");
+        assert_eq!(c.pod_id(), "gw-env");
+        assert_eq!(c.server.drain_period_ms, 1500);
+    }
+
+    #[test]
+    fn tls_and_failover_keys() {
+        let pki = crate::broker::tests::test_pki(&["localhost", "127.0.0.1"]);
+        let ca = TempFile::new("tls-ca", &pki.ca_pem);
+        let cert = TempFile::new("tls-cert", &pki.cert_pem);
+        let key = TempFile::new("tls-key", &pki.key_pem);
+        let text = TempFile::new("tls-text", "no pem here\n");
+        let ca_path = ca.0.display().to_string();
+        let cert_path = cert.0.display().to_string();
+        let key_path = key.0.display().to_string();
+        let text_path = text.0.display().to_string();
+
+        // Defaults: TLS off, no failover URLs.
+        let c = Config::default();
+        assert!(!c.broker.tls.enabled);
+        assert_eq!(c.broker.tls, TlsConfig::default());
+        assert!(c.amqp.failover_urls.is_empty());
+        assert_eq!(c.amqp.tls, AmqpTlsConfig::default());
+        assert_eq!(
+            c.amqp.urls().collect::<Vec<_>>(),
+            vec!["amqp://guest:guest@127.0.0.1:5672/%2f"]
+        );
+
+        // From a file.
+        let file = TempFile::new(
+            "tls-file",
+            &format!(
+                r#"
+[broker]
+addresses = ["rabbit:61614"]
+
+[broker.tls]
+enabled = true
+ca_file = {ca:?}
+cert_file = {cert:?}
+key_file = {key:?}
+server_name = "rabbit.internal"
+
+[amqp]
+url = "amqps://gw:secret1@rabbit-0:5671/%2f"
+failover_urls = ["amqps://gw:secret2@rabbit-1:5671/%2f", "amqp://gw:secret3@rabbit-2:5672/%2f"]
+
+[amqp.tls]
+ca_file = {ca:?}
+"#,
+                ca = ca_path,
+                cert = cert_path,
+                key = key_path
+            ),
+        );
+        let c = load_from(Some(&file.0), HashMap::new()).expect("tls file loads");
+        c.validate().expect("tls file validates");
+        assert!(c.broker.tls.enabled);
+        assert_eq!(c.broker.tls.server_name, "rabbit.internal");
+        assert_eq!(c.amqp.failover_urls.len(), 2);
+        assert_eq!(c.amqp.urls().count(), 3);
+        assert_eq!(c.amqp.tls.ca_file, ca_path);
+        // Masked output hides every password and loads back.
+        let text_out = c.masked().to_toml();
+        for secret in ["secret1", "secret2", "secret3"] {
+            assert!(!text_out.contains(secret), "{secret} in {text_out}");
+        }
+        assert!(
+            text_out.contains("amqps://gw:******@rabbit-1:5671/%2f"),
+            "{text_out}"
+        );
+        assert!(text_out.contains("[broker.tls]"), "{text_out}");
+        let back = TempFile::new("tls-round-trip", &c.to_toml());
+        let back = load_from(Some(&back.0), HashMap::new()).expect("printed config loads");
+        assert_eq!(back.broker.tls, c.broker.tls);
+        assert_eq!(back.amqp.failover_urls, c.amqp.failover_urls);
+        assert_eq!(back.amqp.tls, c.amqp.tls);
+
+        // From the environment.
+        let c = load_from(
+            None,
+            env(&[
+                ("GATEWAY__BROKER__TLS__ENABLED", "true"),
+                ("GATEWAY__BROKER__TLS__CA_FILE", ca_path.as_str()),
+                ("GATEWAY__BROKER__TLS__SERVER_NAME", "localhost"),
+                (
+                    "GATEWAY__AMQP__FAILOVER_URLS",
+                    "amqp://u:p@a:5672/%2f, amqps://u:p@b:5671/%2f",
+                ),
+                ("GATEWAY__AMQP__TLS__CA_FILE", ca_path.as_str()),
+                ("GATEWAY__AMQP__TLS__CERT_FILE", cert_path.as_str()),
+                ("GATEWAY__AMQP__TLS__KEY_FILE", key_path.as_str()),
+            ]),
+        )
+        .expect("env loads");
+        assert!(c.broker.tls.enabled);
+        assert_eq!(c.broker.tls.ca_file, ca_path);
+        assert_eq!(c.broker.tls.server_name, "localhost");
+        assert_eq!(
+            c.amqp.failover_urls,
+            vec!["amqp://u:p@a:5672/%2f", "amqps://u:p@b:5671/%2f"]
+        );
+        assert_eq!(c.amqp.tls.key_file, key_path);
+        c.validate().expect("env tls validates");
+
+        // Typos in the nested tables are unknown keys.
+        let f = TempFile::new("tls-typo", "[broker.tls]\ncafile = \"x\"\n");
+        let e = load_err(Some(&f.0), &[]);
+        assert_eq!(e.key(), Some("broker.tls.cafile"), "{e}");
+        let e = load_err(None, &[("GATEWAY__AMQP__TLS__CA", "x")]);
+        assert_eq!(e.key(), Some("amqp.tls.ca"), "{e}");
+        let e = load_err(None, &[("GATEWAY__BROKER__TLS__ENABLED", "maybe")]);
+        assert_eq!(e.key(), Some("broker.tls.enabled"), "{e}");
+
+        // Disabled TLS does not look at the files.
+        let mut c = Config::default();
+        c.broker.tls.ca_file = "/nonexistent/ca.pem".into();
+        c.validate().expect("disabled TLS ignores its files");
+
+        let (ca2, cert2, key2, text2) = (
+            ca_path.clone(),
+            cert_path.clone(),
+            key_path.clone(),
+            text_path.clone(),
+        );
+        let cases: Vec<(&str, &str, Mutation)> = vec![
+            (
+                "broker.tls.ca_file",
+                "must be set when broker.tls.enabled = true",
+                Box::new(|c| c.broker.tls.enabled = true),
+            ),
+            (
+                "broker.tls.ca_file",
+                "cannot read",
+                Box::new(|c| {
+                    c.broker.tls.enabled = true;
+                    c.broker.tls.ca_file = "/nonexistent/ca.pem".into();
+                }),
+            ),
+            (
+                "broker.tls.ca_file",
+                "not a PEM file",
+                Box::new(move |c| {
+                    c.broker.tls.enabled = true;
+                    c.broker.tls.ca_file = text2;
+                }),
+            ),
+            (
+                "broker.tls.key_file",
+                "must be set when broker.tls.cert_file is set",
+                Box::new(move |c| {
+                    c.broker.tls.enabled = true;
+                    c.broker.tls.ca_file = ca2;
+                    c.broker.tls.cert_file = cert2;
+                }),
+            ),
+            (
+                "broker.tls.cert_file",
+                "contains no certificate",
+                Box::new(move |c| {
+                    c.broker.tls.enabled = true;
+                    c.broker.tls.ca_file = ca_path.clone();
+                    c.broker.tls.cert_file = key2.clone();
+                    c.broker.tls.key_file = key2;
+                }),
+            ),
+            (
+                "broker.tls.server_name",
+                "not a DNS name or IP address",
+                Box::new({
+                    let ca = ca.0.display().to_string();
+                    move |c| {
+                        c.broker.tls.enabled = true;
+                        c.broker.tls.ca_file = ca;
+                        c.broker.tls.server_name = "bad name".into();
+                    }
+                }),
+            ),
+            (
+                "amqp.failover_urls[1]",
+                "must start with amqp:// or amqps://",
+                Box::new(|c| {
+                    c.amqp.failover_urls = vec![
+                        "amqp://u:p@a:5672/%2f".into(),
+                        "http://u:secret@b:5672/".into(),
+                    ]
+                }),
+            ),
+            (
+                "amqp.failover_urls[0]",
+                "not a valid AMQP URL",
+                Box::new(|c| c.amqp.failover_urls = vec!["amqp://h:notaport/".into()]),
+            ),
+            (
+                "amqp.tls.ca_file",
+                "not a PEM file",
+                Box::new({
+                    let text = text_path.clone();
+                    move |c| c.amqp.tls.ca_file = text
+                }),
+            ),
+            (
+                "amqp.tls.key_file",
+                "must be set when amqp.tls.cert_file is set",
+                Box::new({
+                    let cert = cert_path.clone();
+                    move |c| c.amqp.tls.cert_file = cert
+                }),
+            ),
+            (
+                "amqp.tls.key_file",
+                "contains no private key",
+                Box::new({
+                    let cert = cert_path.clone();
+                    move |c| {
+                        c.amqp.tls.cert_file = cert.clone();
+                        c.amqp.tls.key_file = cert;
+                    }
+                }),
+            ),
+        ];
+        for (key, reason, mutate) in cases {
+            let mut c = Config::default();
+            mutate(&mut c);
+            let e = c.validate().expect_err(key);
+            assert_eq!(e.key(), Some(key), "{e}");
+            assert!(e.to_string().contains(reason), "{key}: {e}");
+            assert!(!e.to_string().contains("secret"), "{key}: {e}");
+        }
     }
 }

@@ -22,6 +22,13 @@ pub struct Health {
     amqp_up: AtomicBool,
     /// Why the AMQP connection was last lost (kept after it reconnects).
     amqp_error: Mutex<Option<String>>,
+    /// The AMQP node (URL, password masked) of the control connection while
+    /// it is up.
+    amqp_node: Mutex<Option<String>>,
+    /// Whether the broker connections use TLS (`broker.tls.enabled`).
+    broker_tls: AtomicBool,
+    /// This process's name (`Config::pod_id`), once someone set it.
+    pod_id: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -78,14 +85,44 @@ impl Health {
         self.amqp_up.store(true, Ordering::SeqCst);
     }
 
+    /// [`Health::set_amqp_up`], with the control connection on `node` (its
+    /// URL with the password masked).
+    pub fn set_amqp_up_at(&self, node: &str) {
+        *lock(&self.amqp_node) = Some(node.to_owned());
+        self.set_amqp_up();
+    }
+
     /// The AMQP control plane is down (or could not connect) because of `error`.
     pub fn set_amqp_down(&self, error: &str) {
         self.amqp_enabled.store(true, Ordering::SeqCst);
         self.amqp_up.store(false, Ordering::SeqCst);
-        *self
-            .amqp_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(error.to_owned());
+        *lock(&self.amqp_node) = None;
+        *lock(&self.amqp_error) = Some(error.to_owned());
+    }
+
+    /// The AMQP node of the control connection while it is up.
+    pub fn amqp_node(&self) -> Option<String> {
+        lock(&self.amqp_node).clone()
+    }
+
+    /// Whether the broker connections use TLS.
+    pub fn set_broker_tls(&self, enabled: bool) {
+        self.broker_tls.store(enabled, Ordering::SeqCst);
+    }
+
+    /// Whether the broker connections use TLS.
+    pub fn broker_tls(&self) -> bool {
+        self.broker_tls.load(Ordering::SeqCst)
+    }
+
+    /// Names this process in the readiness details.
+    pub fn set_pod_id(&self, pod_id: &str) {
+        *lock(&self.pod_id) = Some(pod_id.to_owned());
+    }
+
+    /// This process's name, once set.
+    pub fn pod_id(&self) -> Option<String> {
+        lock(&self.pod_id).clone()
     }
 
     /// Whether the AMQP control plane is up.
@@ -101,10 +138,7 @@ impl Health {
 
     /// Why the AMQP connection was last lost, if it ever was.
     pub fn amqp_last_error(&self) -> Option<String> {
-        self.amqp_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.amqp_error).clone()
     }
 
     /// From now on the process reports not ready (drain).
@@ -143,8 +177,8 @@ impl Health {
     }
 
     /// The `/readyz` body:
-    /// `{"ready", "system_link": {"up", "address", "last_error"},
-    /// "amqp": {"enabled", "up", "last_error"}, "active_sessions", "shutting_down"}`.
+    /// `{"ready", "pod_id", "system_link": {"up", "address", "tls", "last_error"},
+    /// "amqp": {"enabled", "up", "node", "last_error"}, "active_sessions", "shutting_down"}`.
     pub fn details(&self) -> serde_json::Value {
         let (address, last_error) = {
             let link = self.link();
@@ -152,20 +186,28 @@ impl Health {
         };
         json!({
             "ready": self.is_ready(),
+            "pod_id": self.pod_id(),
             "system_link": {
                 "up": self.system_link_up(),
                 "address": address,
+                "tls": self.broker_tls(),
                 "last_error": last_error,
             },
             "amqp": {
                 "enabled": self.amqp_enabled(),
                 "up": self.amqp_up(),
+                "node": self.amqp_node(),
                 "last_error": self.amqp_last_error(),
             },
             "active_sessions": self.active_sessions(),
             "shutting_down": self.is_shutting_down(),
         })
     }
+}
+
+/// Locks a mutex of plain data: a panic elsewhere cannot leave it torn.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -200,13 +242,22 @@ mod tests {
         assert!(h.amqp_enabled());
         assert!(!h.is_ready());
         assert_eq!(h.amqp_last_error().as_deref(), Some("connection refused"));
-        h.set_amqp_up();
+        h.set_amqp_up_at("amqp://guest:******@127.0.0.1:5672/%2f");
         assert!(h.amqp_up());
         assert!(h.is_ready());
         assert_eq!(
             h.details()["amqp"],
-            json!({"enabled": true, "up": true, "last_error": "connection refused"})
+            json!({
+                "enabled": true,
+                "up": true,
+                "node": "amqp://guest:******@127.0.0.1:5672/%2f",
+                "last_error": "connection refused",
+            })
         );
+        h.set_amqp_down("reset");
+        assert_eq!(h.amqp_node(), None, "no node while down");
+        h.set_amqp_up();
+        assert_eq!(h.amqp_node(), None);
         h.set_system_link_down("reset");
         assert!(!h.is_ready(), "both links are needed");
         h.set_system_link_up("127.0.0.1:61613");
@@ -235,11 +286,21 @@ mod tests {
             d,
             json!({
                 "ready": false,
-                "system_link": {"up": false, "address": null, "last_error": "refused"},
-                "amqp": {"enabled": false, "up": false, "last_error": null},
+                "pod_id": null,
+                "system_link": {"up": false, "address": null, "tls": false, "last_error": "refused"},
+                "amqp": {"enabled": false, "up": false, "node": null, "last_error": null},
                 "active_sessions": 1,
                 "shutting_down": false,
             })
+        );
+        h.set_pod_id("gw-1");
+        h.set_broker_tls(true);
+        h.set_system_link_up("rabbit:61614");
+        let d = h.details();
+        assert_eq!(d["pod_id"], "gw-1");
+        assert_eq!(
+            d["system_link"],
+            json!({"up": true, "address": "rabbit:61614", "tls": true, "last_error": "refused"})
         );
     }
 }

@@ -4,9 +4,10 @@
 //! [`run`] connects (walking `broker.addresses` in order), keeps the link
 //! alive with heart-beats, notices when the broker goes silent or closes, and
 //! reconnects with exponential backoff and full jitter. [`Health`] always
-//! says whether the link is up and why it last went down.
+//! says whether the link is up and why it last went down. With
+//! `[broker.tls] enabled`, the link is TLS like every client session's.
 
-use crate::broker::{self, BrokerError, FrameReader};
+use crate::broker::{self, BrokerError, BrokerReadHalf, BrokerTls, BrokerWriteHalf, FrameReader};
 use crate::config::Config;
 use crate::health::Health;
 use bytes::BytesMut;
@@ -17,10 +18,9 @@ use relay_core::{encode, Command, Frame, Item, Limits, Version};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Extra silence tolerated on top of twice the broker's heart-beat interval
 /// (network jitter, scheduling).
@@ -35,8 +35,36 @@ const DISCONNECT_RECEIPT: &str = "system-disconnect";
 ///
 /// Never returns early and never panics on network input: every failure is
 /// logged once, recorded in `health`, and followed by a reconnect.
+///
+/// Builds the TLS client from `[broker.tls]` itself; use [`run_with_tls`] to
+/// share one [`BrokerTls`] with the client sessions. If `[broker.tls]`
+/// cannot be used (a file vanished since the configuration was checked), the
+/// link stays down with that reason until shutdown.
 pub async fn run(config: Arc<Config>, health: Arc<Health>, mut shutdown: watch::Receiver<bool>) {
+    match BrokerTls::from_config(&config.broker.tls) {
+        Ok(tls) => run_with_tls(config, health, tls, shutdown).await,
+        Err(e) => {
+            let reason = format!("system link cannot start: {e}");
+            error!("{reason}");
+            health.set_broker_tls(config.broker.tls.enabled);
+            health.set_system_link_down(&reason);
+            stopped(&mut shutdown).await;
+            health.set_system_link_down("shutting down");
+        }
+    }
+}
+
+/// [`run`] with the TLS client (`None`: plain TCP) built by the caller from
+/// `[broker.tls]` ([`BrokerTls::from_config`]).
+pub async fn run_with_tls(
+    config: Arc<Config>,
+    health: Arc<Health>,
+    tls: Option<Arc<BrokerTls>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let b = &config.broker;
+    health.set_broker_tls(tls.is_some());
+    health.set_pod_id(&config.pod_id());
     let mut backoff = Backoff::new(b.reconnect_initial_ms, b.reconnect_max_ms);
     loop {
         if *shutdown.borrow_and_update() {
@@ -46,15 +74,16 @@ pub async fn run(config: Arc<Config>, health: Arc<Health>, mut shutdown: watch::
             () = stopped(&mut shutdown) => {
                 break;
             }
-            attempt = connect(&config) => attempt,
+            attempt = connect(&config, tls.as_deref()) => attempt,
         };
         let reason = match attempt {
             Ok(mut link) => {
                 backoff.reset();
                 health.set_system_link_up(&link.address);
                 info!(
-                    "system link connected to {} (heart-beat send {}ms, receive {}ms)",
+                    "system link connected to {}{} (heart-beat send {}ms, receive {}ms)",
                     link.address,
+                    if link.tls { " over TLS" } else { "" },
                     millis(link.heartbeat.send),
                     millis(link.heartbeat.receive),
                 );
@@ -100,21 +129,25 @@ enum End {
 #[derive(Debug)]
 struct Link {
     address: String,
-    reader: FrameReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    /// Whether the connection is TLS.
+    tls: bool,
+    reader: FrameReader<BrokerReadHalf>,
+    writer: BrokerWriteHalf,
     version: Version,
     heartbeat: Negotiated,
     write_timeout: Duration,
 }
 
-/// Opens TCP to the first answering address and does the STOMP handshake,
-/// all bounded by `broker.connect_timeout_ms` (per step).
-async fn connect(config: &Config) -> Result<Link, String> {
+/// Opens TCP (and TLS, with `tls`) to the first answering address and does
+/// the STOMP handshake, all bounded by `broker.connect_timeout_ms` (per
+/// step).
+async fn connect(config: &Config, tls: Option<&BrokerTls>) -> Result<Link, String> {
     let b = &config.broker;
     let connect_timeout = Duration::from_millis(b.connect_timeout_ms);
-    let (stream, address) = broker::connect_tcp(&b.addresses, connect_timeout)
+    let (stream, address) = broker::connect(&b.addresses, connect_timeout, tls)
         .await
         .map_err(|e| e.to_string())?;
+    let is_tls = stream.is_tls();
     let (read, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(read, Limits::default());
     reader.set_version(Version::V1_2);
@@ -173,6 +206,7 @@ async fn connect(config: &Config) -> Result<Link, String> {
     };
     Ok(Link {
         address,
+        tls: is_tls,
         reader,
         writer,
         version,
@@ -225,7 +259,13 @@ impl Link {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        match timeout(self.write_timeout, self.writer.write_all(bytes)).await {
+        let writer = &mut self.writer;
+        let write = async move {
+            writer.write_all(bytes).await?;
+            // Sends what TLS still buffers; nothing to do for plain TCP.
+            writer.flush().await
+        };
+        match timeout(self.write_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
@@ -264,13 +304,14 @@ impl Link {
 }
 
 async fn write_frame(
-    writer: &mut OwnedWriteHalf,
+    writer: &mut BrokerWriteHalf,
     frame: &Frame,
     version: Version,
 ) -> Result<(), BrokerError> {
     let mut buf = BytesMut::new();
     encode(frame, version, &mut buf);
     writer.write_all(&buf).await?;
+    writer.flush().await?;
     Ok(())
 }
 
@@ -418,6 +459,66 @@ mod tests {
         assert!(health.is_ready(), "{}", health.details());
         stop(tx, task).await;
         assert!(!health.system_link_up());
+    }
+
+    /// Needs RabbitMQ's STOMP plugin on 127.0.0.1:61613, reached through an
+    /// in-process TLS terminator.
+    #[tokio::test]
+    async fn connects_over_tls_and_reports_an_untrusted_certificate() {
+        use crate::broker::tests::{test_pki, tls_terminator, Dir};
+        use crate::config::TlsConfig;
+        let dir = Dir::new("system-tls");
+        let pki = test_pki(&["127.0.0.1", "localhost"]);
+        let addr = tls_terminator(&pki, "127.0.0.1:61613").await;
+        let mut c = (*test_config(&[&addr])).clone();
+        c.broker.tls = TlsConfig {
+            enabled: true,
+            ca_file: dir.write("ca.pem", &pki.ca_pem),
+            ..TlsConfig::default()
+        };
+        c.broker.system_heartbeat_send_ms = 500;
+        c.broker.system_heartbeat_receive_ms = 500;
+        let (health, tx, task) = start(Arc::new(c.clone()));
+        wait_until("ready over TLS", Duration::from_secs(10), || {
+            health.is_ready()
+        })
+        .await;
+        let details = health.details();
+        assert_eq!(details["system_link"]["address"], addr.as_str());
+        assert_eq!(details["system_link"]["tls"], true);
+        // Heart-beats flow both ways through TLS.
+        sleep(Duration::from_millis(2_000)).await;
+        assert!(health.is_ready(), "{}", health.details());
+        stop(tx, task).await;
+
+        // Trusting another CA: never ready, and the reason says why.
+        let other = test_pki(&["127.0.0.1"]);
+        c.broker.tls.ca_file = dir.write("other-ca.pem", &other.ca_pem);
+        let (health, tx, task) = start(Arc::new(c));
+        wait_until("a TLS failure", Duration::from_secs(10), || {
+            health.last_error().is_some()
+        })
+        .await;
+        assert!(!health.is_ready());
+        let err = health.last_error().unwrap_or_default();
+        assert!(err.contains("certificate was not trusted"), "{err}");
+        stop(tx, task).await;
+    }
+
+    #[tokio::test]
+    async fn unusable_tls_files_keep_the_link_down() {
+        let mut c = (*test_config(&["127.0.0.1:61613"])).clone();
+        c.broker.tls.enabled = true;
+        c.broker.tls.ca_file = "/nonexistent/ca.pem".into();
+        let (health, tx, task) = start(Arc::new(c));
+        wait_until("the TLS error", Duration::from_secs(5), || {
+            health.last_error().is_some()
+        })
+        .await;
+        let err = health.last_error().unwrap_or_default();
+        assert!(err.contains("broker.tls.ca_file"), "{err}");
+        assert!(!health.is_ready());
+        stop(tx, task).await;
     }
 
     #[tokio::test]
