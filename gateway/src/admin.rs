@@ -5,6 +5,7 @@
 use crate::amqp::ControlPlane;
 use crate::config::Config;
 use crate::health::Health;
+use crate::metrics::Metrics;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -34,7 +35,7 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    serve_inner(listener, health, None, shutdown).await
+    serve_inner(listener, health, None, None, shutdown).await
 }
 
 /// [`serve`] plus the publish API (`POST /api/v1/...`, see [`crate::api`])
@@ -50,6 +51,26 @@ pub async fn serve_with_api(
         listener,
         health,
         Some(Arc::new((control, config))),
+        None,
+        shutdown,
+    )
+    .await
+}
+
+/// Everything: health, the publish API and `GET /metrics` (Prometheus).
+pub async fn serve_all(
+    listener: TcpListener,
+    health: Arc<Health>,
+    control: ControlPlane,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    serve_inner(
+        listener,
+        health,
+        Some(Arc::new((control, config))),
+        Some(metrics),
         shutdown,
     )
     .await
@@ -59,6 +80,7 @@ async fn serve_inner(
     listener: TcpListener,
     health: Arc<Health>,
     api: Option<Arc<(ControlPlane, Arc<Config>)>>,
+    metrics: Option<Arc<Metrics>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
@@ -92,15 +114,27 @@ async fn serve_inner(
         };
         let health = health.clone();
         let api = api.clone();
+        let metrics = metrics.clone();
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let health = health.clone();
                 let api = api.clone();
+                let metrics = metrics.clone();
                 async move {
-                    let resp = match api {
-                        Some(api) if crate::api::is_api_path(req.uri().path()) => {
+                    let resp = match (api, metrics) {
+                        (Some(api), _) if crate::api::is_api_path(req.uri().path()) => {
                             crate::api::handle(req, &api.0, &api.1).await
+                        }
+                        (_, Some(m))
+                            if req.uri().path() == "/metrics" && req.method() == Method::GET =>
+                        {
+                            let mut resp = Response::new(Full::new(Bytes::from(m.render(&health))));
+                            resp.headers_mut().insert(
+                                CONTENT_TYPE,
+                                HeaderValue::from_static("text/plain; version=0.0.4"),
+                            );
+                            resp
                         }
                         _ => route(&req, &health),
                     };

@@ -14,12 +14,14 @@
 //! nothing grows without bound in either direction.
 
 use crate::amqp::{OutboundMessage, PublishError};
-use crate::broker::{self, BrokerError, FrameReader};
+use crate::broker::{
+    self, BrokerError, BrokerReadHalf, BrokerStream, BrokerWriteHalf, FrameReader,
+};
 use crate::config::MessageType;
 use crate::server::Shared;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt};
 use relay_core::codec::{encode_to_bytes, HEARTBEAT};
 use relay_core::session::{Action, AppPublish, CloseReason, Session};
 use relay_core::{Decoder, Frame, Item, Version};
@@ -30,14 +32,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
+
+/// Broker frames handled per wake-up before other work gets a turn.
+const BROKER_BURST: usize = 64;
+/// Client WebSocket messages handled per wake-up, likewise.
+const CLIENT_BURST: usize = 64;
 
 /// How long the writers get to flush the last frames after the session ended.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,14 +93,15 @@ enum BrokerOut {
 }
 
 struct BrokerLeg {
-    reader: FrameReader<OwnedReadHalf>,
+    reader: FrameReader<BrokerReadHalf>,
     tx: mpsc::UnboundedSender<BrokerOut>,
     queue: Arc<Queue>,
     writer: tokio::task::JoinHandle<()>,
     address: String,
 }
 
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<(TcpStream, String), BrokerError>> + Send>>;
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<(BrokerStream, String), BrokerError>> + Send>>;
 type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<(), PublishError>)> + Send>>;
 
 /// Runs one client session until both legs are closed.
@@ -112,7 +118,8 @@ pub async fn run<S>(
     let _permit = permit;
     let started = Instant::now();
     shared.health.session_opened();
-    info!(session = %id, %peer, subprotocol = subprotocol.map(|v| v.subprotocol()), "session opened");
+    shared.metrics.sessions_opened.inc();
+    info!(pod = %shared.pod, session = %id, %peer, subprotocol = subprotocol.map(|v| v.subprotocol()), "session opened");
 
     let wake = Arc::new(Notify::new());
     let (sink, mut stream) = ws.split();
@@ -132,6 +139,7 @@ pub async fn run<S>(
         closing_brokers: Vec::new(),
         broker_address: None,
         publishes: FuturesUnordered::new(),
+        broker_pending: BytesMut::new(),
     };
     // Stop reading the client while half the per-session publish budget is
     // unconfirmed, so a burst in one WebSocket message rarely hits the limit.
@@ -139,6 +147,16 @@ pub async fn run<S>(
     let limit = shared.config.session.outbound_buffer_bytes;
     let mut shutdown = shared.shutdown.clone();
     let mut shutdown_seen = false;
+    // When this session's turn to drain comes (SIGTERM): a random moment
+    // within `server.drain_period_ms`, so clients do not all reconnect at once.
+    let mut drain_at: Option<tokio::time::Instant> = None;
+    let mut was_full = false;
+    // One timer for the session's deadlines, re-armed only when the deadline
+    // moves (building a new `Sleep` per loop turn costs a timer-wheel insert
+    // and removal per frame).
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed: Option<tokio::time::Instant> = None;
 
     while !d.session.is_closed() {
         let client_full = d.client_queue.len() >= limit;
@@ -146,18 +164,56 @@ pub async fn run<S>(
         let read_client =
             !client_full && !broker_full && d.session.inflight_publishes() < publish_gate;
         let read_broker = d.broker.is_some() && !client_full;
+        if client_full && !was_full {
+            shared.metrics.backpressure_pauses.inc();
+        }
+        was_full = client_full;
         let deadline = d.session.poll_timeout().map(tokio::time::Instant::from_std);
+        if deadline != armed {
+            if let Some(t) = deadline {
+                timer.as_mut().reset(t);
+            }
+            armed = deadline;
+        }
 
         tokio::select! {
             changed = shutdown.changed(), if !shutdown_seen => {
                 if changed.is_err() || *shutdown.borrow() {
                     shutdown_seen = true;
-                    d.session.handle_shutdown(Instant::now());
+                    let period = shared.config.server.drain_period_ms;
+                    let delay = if period == 0 { 0 } else { rand::random_range(0..period) };
+                    drain_at = Some(tokio::time::Instant::now() + Duration::from_millis(delay));
                 }
             }
-            msg = stream.next(), if read_client => d.on_client_message(msg),
-            item = next_broker_item(&mut d.broker), if read_broker => d.on_broker_item(item),
+            msg = stream.next(), if read_client => {
+                d.on_client_message(msg);
+                // Then whatever else the client already sent, so a burst
+                // goes to the broker in one write rather than one per frame.
+                for _ in 0..CLIENT_BURST {
+                    d.run_actions();
+                    let open = !d.session.is_closed()
+                        && d.client_queue.len() < limit
+                        && d.broker.as_ref().is_none_or(|b| b.queue.len() < limit)
+                        && d.session.inflight_publishes() < publish_gate;
+                    if !open {
+                        break;
+                    }
+                    match stream.next().now_or_never() {
+                        Some(msg) => d.on_client_message(msg),
+                        None => break,
+                    }
+                }
+            }
+            item = next_broker_item(&mut d.broker), if read_broker => {
+                d.on_broker_item(item);
+                d.run_actions();
+                d.drain_broker(limit);
+            }
             Some((id, res)) = d.publishes.next(), if !d.publishes.is_empty() => {
+                match &res {
+                    Ok(()) => shared.metrics.app_published.inc(),
+                    Err(_) => shared.metrics.app_failed.inc(),
+                }
                 d.session.handle_publish_result(Instant::now(), id, res.map_err(|e| e.to_string()));
             }
             res = poll_connect(&mut d.connecting), if d.connecting.is_some() => {
@@ -170,13 +226,23 @@ pub async fn run<S>(
                 }
                 if d.broker.as_ref().is_some_and(|b| b.queue.has_failed()) {
                     d.broker = None;
+                    d.broker_pending.clear();
                     d.session.handle_broker_failed(Instant::now(), "write to the broker failed");
                 }
             }
-            _ = sleep_until(deadline), if deadline.is_some() => d.session.handle_timeout(Instant::now()),
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                d.session.handle_timeout(Instant::now());
+            }
+            _ = sleep_until(drain_at), if drain_at.is_some() => {
+                drain_at = None;
+                d.session.handle_drain(Instant::now());
+            }
         }
         d.run_actions();
+        d.flush_broker();
     }
+    d.flush_broker();
 
     // Let the writers flush the last frames (an ERROR, a RECEIPT) before the
     // sockets close.
@@ -203,7 +269,9 @@ pub async fn run<S>(
         .close_reason()
         .cloned()
         .unwrap_or(CloseReason::ClientGone);
+    shared.metrics.session_closed(&reason);
     info!(
+        pod = %shared.pod,
         session = %id,
         %peer,
         broker = broker_address.as_deref().unwrap_or("-"),
@@ -226,6 +294,8 @@ struct Driver {
     broker_address: Option<String>,
     /// Application publishes awaiting their confirm.
     publishes: FuturesUnordered<PublishFuture>,
+    /// Bytes for the broker queued during this loop turn.
+    broker_pending: BytesMut,
 }
 
 impl Driver {
@@ -245,6 +315,27 @@ impl Driver {
                 debug!(session = %self.session.id(), error = %e, "client WebSocket error");
                 self.session.handle_client_closed(now);
             }
+        }
+    }
+
+    /// Handles broker frames that can be had without waiting (already
+    /// decoded, or readable on the socket now), so a burst costs one trip
+    /// through `select!` rather than one per frame. Stops when the client's
+    /// queue is full (backpressure) or after a fair share.
+    fn drain_broker(&mut self, limit: usize) {
+        for _ in 0..BROKER_BURST {
+            if self.session.is_closed() || self.client_queue.len() >= limit {
+                return;
+            }
+            let Some(b) = self.broker.as_mut() else {
+                return;
+            };
+            // Cancel-safe: an unfinished read leaves its bytes in the decoder.
+            let Some(item) = b.reader.next().now_or_never() else {
+                return;
+            };
+            self.on_broker_item(item);
+            self.run_actions();
         }
     }
 
@@ -286,12 +377,13 @@ impl Driver {
                 if let Some(b) = self.broker.take() {
                     self.closing_brokers.push(b.writer);
                 }
+                self.broker_pending.clear();
                 self.session.handle_broker_failed(now, &e.to_string());
             }
         }
     }
 
-    fn on_broker_connected(&mut self, res: Result<(TcpStream, String), BrokerError>) {
+    fn on_broker_connected(&mut self, res: Result<(BrokerStream, String), BrokerError>) {
         let now = Instant::now();
         match res {
             Ok((stream, address)) => {
@@ -311,10 +403,17 @@ impl Driver {
                     address,
                 });
                 if let Some(connect) = self.connect_frame.take() {
-                    self.send_broker(encode_to_bytes(&connect, self.session.broker_version()));
+                    relay_core::encode(
+                        &connect,
+                        self.session.broker_version(),
+                        &mut self.broker_pending,
+                    );
                 }
             }
-            Err(e) => self.session.handle_broker_failed(now, &e.to_string()),
+            Err(e) => {
+                self.shared.metrics.broker_connect_failures.inc();
+                self.session.handle_broker_failed(now, &e.to_string())
+            }
         }
     }
 
@@ -326,23 +425,44 @@ impl Driver {
                     let addresses = self.shared.config.broker.addresses.clone();
                     let timeout =
                         Duration::from_millis(self.shared.config.broker.connect_timeout_ms);
+                    let tls = self.shared.broker_tls.clone();
                     self.connecting = Some(Box::pin(async move {
-                        broker::connect_tcp(&addresses, timeout).await
+                        broker::connect(&addresses, timeout, tls.as_deref()).await
                     }));
                 }
                 Action::ToBroker(frame) => {
-                    let bytes = encode_to_bytes(&frame, self.session.broker_version());
-                    self.send_broker(bytes);
+                    if self.broker.is_some() {
+                        // Encoded straight into the pending write.
+                        let before = self.broker_pending.len();
+                        relay_core::encode(
+                            &frame,
+                            self.session.broker_version(),
+                            &mut self.broker_pending,
+                        );
+                        let len = self.broker_pending.len() - before;
+                        self.shared.metrics.frames_client_to_broker.inc();
+                        self.shared
+                            .metrics
+                            .bytes_client_to_broker
+                            .inc_by(len as u64);
+                    }
                 }
-                Action::BrokerHeartbeat => self.send_broker(Bytes::from_static(HEARTBEAT)),
+                Action::BrokerHeartbeat => self.send_broker(HEARTBEAT),
                 Action::ToClient(frame) => {
                     let bytes = encode_to_bytes(&frame, self.session.client_version());
+                    self.shared.metrics.frames_broker_to_client.inc();
+                    self.shared
+                        .metrics
+                        .bytes_broker_to_client
+                        .inc_by(bytes.len() as u64);
                     self.send_client(bytes);
                 }
                 Action::ClientHeartbeat => self.send_client(Bytes::from_static(HEARTBEAT)),
                 Action::CloseBroker => {
                     self.connecting = None;
                     self.connect_frame = None;
+                    // What this turn queued (a DISCONNECT) goes first.
+                    self.flush_broker();
                     if let Some(b) = self.broker.take() {
                         let _ = b.tx.send(BrokerOut::Close);
                         debug!(session = %self.session.id(), broker = %b.address, "closing broker connection");
@@ -389,7 +509,21 @@ impl Driver {
             .push(Box::pin(async move { (id, control.publish(msg).await) }));
     }
 
-    fn send_broker(&mut self, bytes: Bytes) {
+    /// Queues bytes for the broker; they go out with [`Driver::flush_broker`]
+    /// at the end of the loop turn, coalesced into one write.
+    fn send_broker(&mut self, bytes: &[u8]) {
+        if self.broker.is_some() {
+            self.broker_pending.extend_from_slice(bytes);
+        }
+    }
+
+    /// Hands what this loop turn queued for the broker to its writer task.
+    fn flush_broker(&mut self) {
+        if self.broker_pending.is_empty() {
+            return;
+        }
+        // `take` leaves no spare capacity behind on idle sessions.
+        let bytes = std::mem::take(&mut self.broker_pending).freeze();
         if let Some(b) = &self.broker {
             b.queue.add(bytes.len());
             if b.tx.send(BrokerOut::Data(bytes)).is_err() {
@@ -446,7 +580,7 @@ async fn next_broker_item(broker: &mut Option<BrokerLeg>) -> Result<Item, Broker
 
 async fn poll_connect(
     connecting: &mut Option<ConnectFuture>,
-) -> Result<(TcpStream, String), BrokerError> {
+) -> Result<(BrokerStream, String), BrokerError> {
     match connecting.as_mut() {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -504,7 +638,7 @@ async fn write_client<S>(
 
 /// Writes queued bytes to the broker, coalescing what is ready into one write.
 async fn write_broker(
-    mut w: OwnedWriteHalf,
+    mut w: BrokerWriteHalf,
     mut rx: mpsc::UnboundedReceiver<BrokerOut>,
     queue: Arc<Queue>,
 ) {
@@ -524,7 +658,8 @@ async fn write_broker(
         }
         if !buf.is_empty() {
             let n = buf.len();
-            if w.write_all(&buf).await.is_err() {
+            // flush: TLS may still hold encrypted records (no-op for TCP).
+            if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
                 queue.fail();
                 return;
             }

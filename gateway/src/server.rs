@@ -7,6 +7,7 @@ use crate::amqp::{ControlPlane, ControlPlaneError};
 use crate::auth::{AuthError, JwtAuthenticator, JwtSettings};
 use crate::config::{AuthMode, Config, MessageType};
 use crate::health::Health;
+use crate::metrics::{Metrics, Rejection};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -43,6 +44,10 @@ pub enum ServerError {
     Auth(#[from] AuthError),
     #[error("AMQP control plane: {0}")]
     ControlPlane(#[from] ControlPlaneError),
+    #[error("broker TLS: {0}")]
+    BrokerTls(#[from] crate::broker::TlsError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Everything a connection task needs, shared by all of them.
@@ -59,8 +64,14 @@ pub struct Shared {
     pub ws_config: WebSocketConfig,
     pub message_type: MessageType,
     pub shutdown: watch::Receiver<bool>,
+    /// This process's identity (`server.pod_id`), in logs and metrics.
+    pub pod: String,
+    pub metrics: Arc<Metrics>,
     /// Publishes application messages (`/app/**`).
     pub control: ControlPlane,
+    /// TLS to the broker (`[broker.tls]`), `None` for plain TCP; shared by
+    /// every session and the system link.
+    pub broker_tls: Option<Arc<crate::broker::BrokerTls>>,
     permits: Arc<Semaphore>,
     id_prefix: u32,
     next_id: AtomicU64,
@@ -72,8 +83,9 @@ impl Shared {
         config: Arc<Config>,
         health: Arc<Health>,
         control: ControlPlane,
+        metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<Shared, AuthError> {
+    ) -> Result<Shared, ServerError> {
         let s = &config.session;
         let b = &config.broker;
         let addresses = u32::try_from(b.addresses.len()).unwrap_or(u32::MAX);
@@ -137,6 +149,9 @@ impl Shared {
             .max_message_size(Some(config.server.max_ws_message_size))
             .max_frame_size(Some(config.server.max_ws_message_size));
         Ok(Shared {
+            broker_tls: crate::broker::BrokerTls::from_config(&config.broker.tls)?,
+            pod: config.pod_id(),
+            metrics,
             control,
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
             message_type: config.server.message_type,
@@ -163,6 +178,8 @@ impl Shared {
 /// closes every session (ERROR, WebSocket close 1001) and returns.
 pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     let health = Arc::new(Health::default());
+    let pod = config.pod_id();
+    let metrics = Arc::new(Metrics::new(&pod)?);
     let listener = bind(&config.server.listen, "client listener").await?;
     let admin = bind(&config.server.admin_listen, "admin listener").await?;
     // Declares the topology first: a conflict stops start-up here.
@@ -171,28 +188,35 @@ pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result
         config.clone(),
         health.clone(),
         control.clone(),
+        metrics.clone(),
         shutdown.clone(),
     )?);
     info!(
+        %pod,
         listen = %local(&listener),
         admin = %local(&admin),
         endpoints = ?config.server.endpoints.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
         brokers = ?config.broker.addresses,
         "stomp-gateway listening"
     );
+    // The admin listener outlives the drain: /readyz must answer 503 (not
+    // refuse connections) while sessions close, and /healthz stay 200.
+    let (admin_stop, admin_stopped) = watch::channel(false);
     tokio::spawn({
-        let (health, shutdown, config) = (health.clone(), shutdown.clone(), config.clone());
+        let (health, config) = (health.clone(), config.clone());
         async move {
             if let Err(e) =
-                crate::admin::serve_with_api(admin, health, control, config, shutdown).await
+                crate::admin::serve_all(admin, health, control, config, metrics, admin_stopped)
+                    .await
             {
                 warn!(error = %e, "admin listener stopped");
             }
         }
     });
-    let system = tokio::spawn(crate::system::run(
+    let system = tokio::spawn(crate::system::run_with_tls(
         config.clone(),
         health.clone(),
+        shared.broker_tls.clone(),
         shutdown.clone(),
     ));
     let mut stop = shutdown.clone();
@@ -220,11 +244,18 @@ pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result
     health.set_shutting_down();
     drop(listener);
     let active = health.active_sessions();
+    let period = Duration::from_millis(shared.config.server.drain_period_ms);
     info!(
         active_sessions = active,
-        "shutting down: listener closed, closing sessions"
+        drain_period_ms = period.as_millis() as u64,
+        "draining: listener closed, not ready; closing sessions at jittered moments"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Each session closes within the period, plus the time its broker may
+    // take to confirm what the client is owed.
+    let deadline = tokio::time::Instant::now()
+        + period
+        + shared.session.broker_timeout
+        + Duration::from_secs(1);
     while health.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -235,6 +266,7 @@ pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result
         remaining_sessions = health.active_sessions(),
         "shutdown complete"
     );
+    let _ = admin_stop.send(true);
     Ok(())
 }
 
@@ -359,14 +391,17 @@ fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> 
             .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
         {
             info!(%peer, origin, "rejected WebSocket upgrade: origin not allowed");
+            shared.metrics.rejected(Rejection::Origin);
             return text(StatusCode::FORBIDDEN, "origin not allowed\n");
         }
     }
     if *shared.shutdown.borrow() {
+        shared.metrics.rejected(Rejection::ShuttingDown);
         return text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
     }
     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
         warn!(%peer, limit = shared.config.server.max_connections, "rejected WebSocket upgrade: connection limit reached");
+        shared.metrics.rejected(Rejection::ConnectionLimit);
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "connection limit reached\n",

@@ -198,6 +198,13 @@ enum State {
     Disconnecting {
         receipt: String,
     },
+    /// The gateway is draining: DISCONNECT with a receipt of the gateway's
+    /// own sent to the broker; its RECEIPT means every earlier frame was
+    /// handled (and every earlier receipt delivered), then the client is
+    /// told and closed.
+    Draining {
+        receipt: String,
+    },
     Closed,
 }
 
@@ -236,6 +243,8 @@ pub struct Session {
     next_publish_id: u64,
     /// A DISCONNECT waiting for in-flight publishes to be confirmed.
     deferred_disconnect: Option<Frame>,
+    /// Drain requested; waiting for in-flight publishes before it starts.
+    drain_requested: bool,
 }
 
 impl Session {
@@ -270,6 +279,7 @@ impl Session {
             inflight: HashMap::new(),
             next_publish_id: 1,
             deferred_disconnect: None,
+            drain_requested: false,
         }
     }
 
@@ -311,6 +321,8 @@ impl Session {
                 if self.inflight.is_empty() {
                     if let Some(d) = self.deferred_disconnect.take() {
                         self.route_client_frame(now, d);
+                    } else if self.drain_requested && self.state == State::Connected {
+                        self.start_drain(now);
                     }
                 }
             }
@@ -335,7 +347,10 @@ impl Session {
 
     /// True once CONNECTED was sent to the client and the session is relaying.
     pub fn is_connected(&self) -> bool {
-        matches!(self.state, State::Connected | State::Disconnecting { .. })
+        matches!(
+            self.state,
+            State::Connected | State::Disconnecting { .. } | State::Draining { .. }
+        )
     }
 
     /// True once the session has ended; the driver stops after flushing.
@@ -397,7 +412,7 @@ impl Session {
                 self.pending.push_back(frame);
             }
             State::Connected => self.route_client_frame(now, frame),
-            State::Disconnecting { .. } | State::Closed => {}
+            State::Disconnecting { .. } | State::Draining { .. } | State::Closed => {}
         }
     }
 
@@ -423,6 +438,11 @@ impl Session {
                 self.actions.push_back(Action::CloseBroker);
                 self.finish(CloseReason::ClientGone, false);
             }
+            State::Draining { .. } => {
+                // The broker leg already has its DISCONNECT.
+                self.actions.push_back(Action::CloseBroker);
+                self.finish(CloseReason::ClientGone, false);
+            }
         }
     }
 
@@ -439,6 +459,46 @@ impl Session {
             ),
         );
         self.close_broker_leg();
+        self.finish(CloseReason::Shutdown, true);
+    }
+
+    /// The gateway is draining (SIGTERM): finish what the client is owed
+    /// (confirms of application publishes, receipts of relayed frames), then
+    /// send an ERROR saying the server is restarting and close with 1001 so
+    /// the client reconnects elsewhere. Client frames that arrive after the
+    /// broker leg got its DISCONNECT are dropped unanswered (no receipt).
+    pub fn handle_drain(&mut self, now: Instant) {
+        match self.state {
+            State::Closed | State::Draining { .. } | State::Disconnecting { .. } => {}
+            State::AwaitingConnect | State::ConnectingBroker => self.handle_shutdown(now),
+            State::Connected => {
+                self.drain_requested = true;
+                if self.inflight.is_empty() {
+                    self.start_drain(now);
+                }
+            }
+        }
+    }
+
+    fn start_drain(&mut self, now: Instant) {
+        let receipt = format!("stomp-gateway-drain-{}", self.id);
+        self.emit_broker(
+            now,
+            Frame::new(Command::Disconnect).with_header("receipt", receipt.clone()),
+        );
+        self.state = State::Draining { receipt };
+        self.phase_started = now;
+    }
+
+    fn finish_drain(&mut self, now: Instant) {
+        self.emit_client(
+            now,
+            Frame::error(
+                "server shutting down",
+                "the gateway is restarting; reconnect to continue",
+            ),
+        );
+        self.actions.push_back(Action::CloseBroker);
         self.finish(CloseReason::Shutdown, true);
     }
 
@@ -474,7 +534,14 @@ impl Session {
                     self.finish(CloseReason::ClientDisconnect, true);
                 }
             }
-            (State::Disconnecting { .. }, Command::Message) => {
+            (State::Draining { receipt }, Command::Receipt) => {
+                if frame.header("receipt-id") == Some(receipt.as_str()) {
+                    self.finish_drain(now);
+                } else {
+                    self.emit_client(now, frame);
+                }
+            }
+            (State::Disconnecting { .. } | State::Draining { .. }, Command::Message) => {
                 let frame = self.rewrite_user_message(frame);
                 self.emit_client(now, frame)
             }
@@ -517,7 +584,7 @@ impl Session {
         match self.state {
             State::Closed => return None,
             State::AwaitingConnect => consider(self.phase_started + self.config.connect_timeout),
-            State::ConnectingBroker | State::Disconnecting { .. } => {
+            State::ConnectingBroker | State::Disconnecting { .. } | State::Draining { .. } => {
                 consider(self.phase_started + self.config.broker_timeout)
             }
             State::Connected => {}
@@ -574,6 +641,14 @@ impl Session {
                         now,
                         &format!("no RECEIPT for DISCONNECT within {ms} ms"),
                     );
+                    return;
+                }
+            }
+            State::Draining { .. } => {
+                // The broker did not confirm in time: close anyway; the
+                // client resends what it has no receipt for.
+                if now >= self.phase_started + self.config.broker_timeout {
+                    self.finish_drain(now);
                     return;
                 }
             }
@@ -964,7 +1039,9 @@ impl Session {
                     .push_back(Action::ToBroker(Frame::new(Command::Disconnect)));
                 self.actions.push_back(Action::CloseBroker);
             }
-            State::ConnectingBroker => self.actions.push_back(Action::CloseBroker),
+            State::ConnectingBroker | State::Draining { .. } => {
+                self.actions.push_back(Action::CloseBroker)
+            }
             State::AwaitingConnect | State::Closed => {}
         }
     }
@@ -1813,5 +1890,91 @@ mod tests {
             msg,
             "cannot subscribe to application destination \"/app/chat.history\""
         );
+    }
+
+    #[test]
+    fn drain_completes_receipts_before_closing_with_1001() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        let send = Frame::new(Command::Send)
+            .with_header("destination", "/queue/q")
+            .with_header("receipt", "r1");
+        s.handle_client_frame(t0, send.clone());
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(send)]);
+        s.handle_drain(t0);
+        let drain_disconnect =
+            Frame::new(Command::Disconnect).with_header("receipt", "stomp-gateway-drain-s1");
+        assert_eq!(drain(&mut s), vec![Action::ToBroker(drain_disconnect)]);
+        // Frames the client sends now are not relayed (and not receipted).
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send).with_header("destination", "/queue/q"),
+        );
+        assert!(drain(&mut s).is_empty());
+        // The client's receipt still arrives, then the drain receipt ends it.
+        let r1 = Frame::new(Command::Receipt).with_header("receipt-id", "r1");
+        s.handle_broker_frame(t0, r1.clone());
+        assert_eq!(drain(&mut s), vec![Action::ToClient(r1)]);
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Receipt).with_header("receipt-id", "stomp-gateway-drain-s1"),
+        );
+        let acts = drain(&mut s);
+        let (msg, reason) = error_then_close(&acts);
+        assert_eq!(msg, "server shutting down");
+        assert_eq!(reason, CloseReason::Shutdown);
+        assert_eq!(reason.ws_code(), 1001);
+        assert!(acts.contains(&Action::CloseBroker));
+        // The drain DISCONNECT is the broker leg's last frame: no second one.
+        assert!(!acts.iter().any(|a| matches!(a, Action::ToBroker(_))));
+    }
+
+    #[test]
+    fn drain_waits_for_application_confirms() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send)
+                .with_header("destination", "/app/x")
+                .with_header("receipt", "a1"),
+        );
+        let acts = drain(&mut s);
+        let [Action::Publish(p)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        s.handle_drain(t0);
+        assert!(drain(&mut s).is_empty(), "nothing before the confirm");
+        s.handle_publish_result(t0, p.id, Ok(()));
+        let acts = drain(&mut s);
+        assert_eq!(
+            acts[0],
+            Action::ToClient(Frame::new(Command::Receipt).with_header("receipt-id", "a1"))
+        );
+        assert!(matches!(&acts[1], Action::ToBroker(f) if f.command == Command::Disconnect));
+    }
+
+    #[test]
+    fn drain_gives_up_on_a_silent_broker_and_closes_anyway() {
+        let t0 = Instant::now();
+        let mut s = connected(t0, "0,0");
+        let t1 = t0 + 100 * MS;
+        s.handle_drain(t1);
+        drain(&mut s);
+        assert_eq!(s.poll_timeout(), Some(t1 + 4_000 * MS));
+        s.handle_timeout(t1 + 4_000 * MS);
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "server shutting down");
+        assert_eq!(reason, CloseReason::Shutdown);
+    }
+
+    #[test]
+    fn drain_before_connected_closes_at_once() {
+        let t0 = Instant::now();
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_drain(t0);
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "server shutting down");
+        assert_eq!(reason.ws_code(), 1001);
     }
 }
