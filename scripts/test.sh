@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, codec and end-to-end tests (real stomp-gateway
 # binary against the local RabbitMQ), then the Node @stomp/stompjs
-# compatibility test.
+# compatibility test, then the cluster tests (several gateways, drain,
+# broker restart, failover) with a throwaway two-node RabbitMQ cluster next
+# to the main node (scripts/rabbitmq-test-cluster.sh; stopped again on exit).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,3 +19,14 @@ else
   npm install --prefix tests/node --no-audit --no-fund
 fi
 npm test --prefix tests/node
+
+# Cluster phase. The tests in tests/tests/cluster.rs are #[ignore]d in the
+# run above: they are slow, must run one at a time, and the disruptive ones
+# stop and start node sgw-a@localhost of the test cluster (never the main
+# node). --nocapture shows their reports (resends, duplicates, timings).
+trap 'scripts/rabbitmq-test-cluster.sh stop' EXIT
+phase_start=$SECONDS
+scripts/rabbitmq-test-cluster.sh start
+echo "test.sh: test cluster started in $((SECONDS - phase_start))s" >&2
+cargo test -p e2e --test cluster -- --ignored --test-threads=1 --nocapture
+echo "test.sh: cluster phase took $((SECONDS - phase_start))s (plus the stop)" >&2

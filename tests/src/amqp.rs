@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -34,19 +34,50 @@ pub struct Amqp {
 }
 
 impl Amqp {
-    /// Connects to [`AMQP_URL`].
+    /// Connects to [`AMQP_URL`] (the main node).
     pub async fn connect() -> Result<Amqp> {
+        Amqp::connect_url(AMQP_URL).await
+    }
+
+    /// Connects to any node, for example a test-cluster node.
+    pub async fn connect_url(url: &str) -> Result<Amqp> {
         let props = ConnectionProperties::default().with_connection_name("e2e".into());
-        let conn = tokio::time::timeout(crate::WAIT, Connection::connect(AMQP_URL, props))
+        let conn = tokio::time::timeout(crate::WAIT, Connection::connect(url, props))
             .await
-            .map_err(|_| anyhow!("AMQP connect to {AMQP_URL} timed out"))?
-            .with_context(|| format!("AMQP connect to {AMQP_URL}"))?;
+            .map_err(|_| anyhow!("AMQP connect to {url} timed out"))?
+            .with_context(|| format!("AMQP connect to {url}"))?;
         let channel = conn.create_channel().await.context("AMQP channel")?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("confirm.select")?;
         Ok(Amqp { conn, channel })
+    }
+
+    /// Takes every message now in `queue` (auto-ack); returns the value of
+    /// header `header` of each (or the body when it has none).
+    pub async fn take_all(&self, queue: &str, header_name: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .with_context(|| format!("basic.get {queue}"))?
+        {
+            let id = header(&m.delivery.properties, header_name)
+                .unwrap_or_else(|| String::from_utf8_lossy(&m.delivery.data).into_owned());
+            out.push(id);
+        }
+        Ok(out)
+    }
+
+    /// Deletes queue `name` (a fresh channel: a failure closes it).
+    pub async fn delete_queue(&self, name: &str) -> Result<()> {
+        let ch = self.conn.create_channel().await?;
+        ch.queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("delete queue {name}"))?;
+        Ok(())
     }
 
     /// The confirm-mode channel.

@@ -14,15 +14,20 @@
 //!   control plane.
 //! - [`jwt`]: tokens for gateways with `[auth] mode = "jwt"`.
 //! - [`backend`]: the example backend `chat-backend`, killed on drop.
+//! - [`cluster`]: gateway processes with signals and restarts, the RabbitMQ
+//!   test cluster (`scripts/rabbitmq-test-cluster.sh`) and reconnecting
+//!   publishers/consumers that account for every message.
 
 pub mod amqp;
 pub mod backend;
+pub mod cluster;
 pub mod gateway;
 pub mod http;
 pub mod jwt;
 pub mod proxy;
 pub mod rabbit;
 pub mod stomp;
+pub mod tls;
 
 pub use gateway::{check_config, Gateway, GatewayBuilder};
 pub use proxy::Proxy;
