@@ -8,6 +8,8 @@
 #   2. raise this shell's open-file limit (the generator and gateway inherit it)
 #   3. restart RabbitMQ with a raised open-file limit (not with --quick or
 #      --no-restart): rabbitmqctl stop; ulimit -n 65536; rabbitmq-server -detached
+#      (as user rabbitmq through setpriv, not su, whose PAM limits would put
+#      the soft limit back to 1024)
 #   4. start the gateway on free ports with a bench config, wait for /readyz
 #   5. for each case, R rounds of gateway then direct (A B A B ...), sampling
 #      CPU and RSS of the gateway and of RabbitMQ's beam.smp
@@ -133,8 +135,17 @@ if ((RESTART)); then
   rabbitmqctl stop
   (
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-    log "starting RabbitMQ: ulimit -n $(ulimit -n); rabbitmq-server -detached"
-    rabbitmq-server -detached
+    if [[ "$(id -u)" == 0 ]] && id rabbitmq >/dev/null 2>&1 && command -v setpriv >/dev/null; then
+      # Debian's wrapper switches to user rabbitmq with su, whose PAM limits
+      # put the soft limit back to 1024; setpriv changes user without PAM, so
+      # the raised limit reaches beam.smp.
+      log "starting RabbitMQ: ulimit -n $(ulimit -n); setpriv --reuid=rabbitmq ... rabbitmq-server -detached"
+      (cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq setpriv --reuid=rabbitmq --regid=rabbitmq \
+        --init-groups rabbitmq-server -detached)
+    else
+      log "starting RabbitMQ: ulimit -n $(ulimit -n); rabbitmq-server -detached"
+      rabbitmq-server -detached
+    fi
   )
   deadline=$((SECONDS + 120))
   until rabbitmqctl await_startup --timeout 10 >/dev/null 2>&1; do
@@ -150,7 +161,7 @@ if ((RESTART)); then
     log "WARNING: RabbitMQ's open-file limit is still $soft; the idle-density case (5,000 sessions)"
     log "will hit it. Raise the hard limit of this shell (or /etc/security/limits.d for user rabbitmq)."
   fi
-  RESTART_NOTE="RabbitMQ was restarted before the runs (rabbitmqctl stop; ulimit -n 65536, or the hard limit if lower; rabbitmq-server -detached) because its default soft limit of 1024 file descriptors caps it at about 830 connections; beam.smp's limit during the runs: $(beam_nofile "$BEAM")."
+  RESTART_NOTE="RabbitMQ was restarted before the runs (rabbitmqctl stop; ulimit -n 65536, or the hard limit if lower; rabbitmq-server -detached, started with setpriv so that su's PAM limits do not reset it) because its default soft limit of 1024 file descriptors caps it at about 830 connections; beam.smp's limit during the runs: $(beam_nofile "$BEAM")."
 else
   wait_port 15674 "RabbitMQ Web-STOMP"
   BEAM="$(beam_pid)"
