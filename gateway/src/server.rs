@@ -145,7 +145,9 @@ impl Shared {
             // The default 128 KiB read buffer is zero-filled per connection;
             // STOMP frames are small, the buffer grows when needed.
             .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
+            // Frames fed in one batch leave in one write (the writer task
+            // flushes per batch); 0 would write every frame on its own.
+            .write_buffer_size(8 * 1024)
             .max_message_size(Some(config.server.max_ws_message_size))
             .max_frame_size(Some(config.server.max_ws_message_size));
         Ok(Shared {
