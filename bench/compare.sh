@@ -314,5 +314,11 @@ gw_config=()
 "$LOAD" report --runs "$OUT/runs" --markdown "$MARKDOWN" --svg "$SVG" \
   --rabbitmq-version "$RABBIT_VERSION" --invocation "$INVOCATION" \
   "${gw_config[@]}" "${notes[@]}"
+# The hand-written reading of the figures (what holds across runs, what is
+# noise, what would close a gap) goes with every full report. If the figures
+# change materially, update bench/analysis.md in the same change.
+if ((!QUICK)) && [[ -f bench/analysis.md ]]; then
+  cat bench/analysis.md >>"$MARKDOWN"
+fi
 log "done: $MARKDOWN, $SVG; run JSON in $OUT/runs"
 ((FAILED == 0)) || exit 1
