@@ -6,9 +6,6 @@
 //! [`Item`]s with the core codec. The STOMP handshake itself (CONNECT /
 //! CONNECTED) belongs to whoever owns the connection: the session core for
 //! client sessions, [`crate::system`] for the system link.
-//!
-//! [`connect_tcp`] and `FrameReader<OwnedReadHalf>` are the plain-TCP-only
-//! forms of the same thing.
 
 use crate::config::TlsConfig;
 use relay_core::{DecodeError, Decoder, Item, Limits, Version};
@@ -571,31 +568,6 @@ pub async fn connect(
     Err(BrokerError::Unreachable(failures.join("; ")))
 }
 
-/// Connects to the first address that accepts a TCP connection within
-/// `timeout`. Returns the stream and the address it reached. Plain TCP
-/// only; see [`connect`] for TLS.
-pub async fn connect_tcp(
-    addresses: &[String],
-    timeout: Duration,
-) -> Result<(TcpStream, String), BrokerError> {
-    if addresses.is_empty() {
-        return Err(BrokerError::NoAddresses);
-    }
-    let mut failures = Vec::with_capacity(addresses.len());
-    for addr in addresses {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr.as_str())).await {
-            Ok(Ok(stream)) => {
-                // Frames are small and latency matters more than packet count.
-                let _ = stream.set_nodelay(true);
-                return Ok((stream, addr.clone()));
-            }
-            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-            Err(_) => failures.push(format!("{addr}: timed out after {timeout:?}")),
-        }
-    }
-    Err(BrokerError::Unreachable(failures.join("; ")))
-}
-
 /// Reads frames from a broker connection.
 #[derive(Debug)]
 pub struct FrameReader<R> {
@@ -628,28 +600,6 @@ impl<R> FrameReader<R> {
     }
 }
 
-impl FrameReader<OwnedReadHalf> {
-    /// The next frame or heart-beat; `Err(Closed)` on EOF.
-    ///
-    /// Cancel-safe: it waits for readability, then reads without awaiting,
-    /// so dropping the future (for example in `select!`) loses nothing.
-    pub async fn next(&mut self) -> Result<Item, BrokerError> {
-        loop {
-            if let Some(item) = self.decoder.decode()? {
-                return Ok(item);
-            }
-            self.inner.readable().await?;
-            let mut chunk = [0u8; READ_CHUNK];
-            match self.inner.try_read(&mut chunk) {
-                Ok(0) => return Err(BrokerError::Closed),
-                Ok(n) => self.decoder.extend(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
 impl FrameReader<BrokerReadHalf> {
     /// The next frame or heart-beat; `Err(Closed)` on EOF.
     ///
@@ -666,7 +616,6 @@ impl FrameReader<BrokerReadHalf> {
                 return Ok(item);
             }
             match &mut self.inner.0 {
-                // Exactly the plain-TCP path of `FrameReader<OwnedReadHalf>`.
                 ReadInner::Plain(r) => {
                     r.readable().await?;
                     let mut chunk = [0u8; READ_CHUNK];
@@ -1143,7 +1092,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn plain_connect_reads_frames_like_connect_tcp() {
+    async fn plain_connect_reads_frames() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
