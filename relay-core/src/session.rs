@@ -425,24 +425,9 @@ impl Session {
 
     /// The client connection went away (closed, reset or failed).
     pub fn handle_client_closed(&mut self, _now: Instant) {
-        match self.state {
-            State::Closed => {}
-            State::AwaitingConnect => self.finish(CloseReason::ClientGone, false),
-            State::ConnectingBroker => {
-                self.actions.push_back(Action::CloseBroker);
-                self.finish(CloseReason::ClientGone, false);
-            }
-            State::Connected | State::Disconnecting { .. } => {
-                self.actions
-                    .push_back(Action::ToBroker(Frame::new(Command::Disconnect)));
-                self.actions.push_back(Action::CloseBroker);
-                self.finish(CloseReason::ClientGone, false);
-            }
-            State::Draining { .. } => {
-                // The broker leg already has its DISCONNECT.
-                self.actions.push_back(Action::CloseBroker);
-                self.finish(CloseReason::ClientGone, false);
-            }
+        if self.state != State::Closed {
+            self.close_broker_leg();
+            self.finish(CloseReason::ClientGone, false);
         }
     }
 
@@ -490,18 +475,6 @@ impl Session {
         self.phase_started = now;
     }
 
-    fn finish_drain(&mut self, now: Instant) {
-        self.emit_client(
-            now,
-            Frame::error(
-                "server shutting down",
-                "the gateway is restarting; reconnect to continue",
-            ),
-        );
-        self.actions.push_back(Action::CloseBroker);
-        self.finish(CloseReason::Shutdown, true);
-    }
-
     // ----- inputs from the broker ---------------------------------------
 
     /// Bytes arrived from the broker.
@@ -536,7 +509,7 @@ impl Session {
             }
             (State::Draining { receipt }, Command::Receipt) => {
                 if frame.header("receipt-id") == Some(receipt.as_str()) {
-                    self.finish_drain(now);
+                    self.handle_shutdown(now);
                 } else {
                     self.emit_client(now, frame);
                 }
@@ -648,7 +621,7 @@ impl Session {
                 // The broker did not confirm in time: close anyway; the
                 // client resends what it has no receipt for.
                 if now >= self.phase_started + self.config.broker_timeout {
-                    self.finish_drain(now);
+                    self.handle_shutdown(now);
                     return;
                 }
             }
@@ -1039,6 +1012,7 @@ impl Session {
                     .push_back(Action::ToBroker(Frame::new(Command::Disconnect)));
                 self.actions.push_back(Action::CloseBroker);
             }
+            // A draining leg already has its DISCONNECT.
             State::ConnectingBroker | State::Draining { .. } => {
                 self.actions.push_back(Action::CloseBroker)
             }
