@@ -152,7 +152,7 @@ impl Shared {
             .max_frame_size(Some(config.server.max_ws_message_size));
         Ok(Shared {
             broker_tls: crate::broker::BrokerTls::from_config(&config.broker.tls)?,
-            pod: config.pod_id(),
+            pod: control.pod_id().to_owned(),
             metrics,
             control,
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
@@ -180,12 +180,20 @@ impl Shared {
 /// closes every session (ERROR, WebSocket close 1001) and returns.
 pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     let health = Arc::new(Health::default());
+    // Resolved once (it may read /etc/hostname); the control plane also puts
+    // it in /readyz and AMQP app_id, Shared in session logs.
     let pod = config.pod_id();
     let metrics = Arc::new(Metrics::new(&pod)?);
     let listener = bind(&config.server.listen, "client listener").await?;
     let admin = bind(&config.server.admin_listen, "admin listener").await?;
     // Declares the topology first: a conflict stops start-up here.
-    let control = ControlPlane::start(config.clone(), health.clone(), shutdown.clone()).await?;
+    let control = ControlPlane::start_as(
+        config.clone(),
+        health.clone(),
+        shutdown.clone(),
+        pod.clone(),
+    )
+    .await?;
     let shared = Arc::new(Shared::new(
         config.clone(),
         health.clone(),

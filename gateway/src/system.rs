@@ -64,7 +64,6 @@ pub async fn run_with_tls(
 ) {
     let b = &config.broker;
     health.set_broker_tls(tls.is_some());
-    health.set_pod_id(&config.pod_id());
     let mut backoff = Backoff::new(b.reconnect_initial_ms, b.reconnect_max_ms);
     loop {
         if *shutdown.borrow_and_update() {
