@@ -73,6 +73,9 @@ async function waitReady(adminPort, child, ms) {
 }
 
 const suffix = crypto.randomBytes(6).toString('hex');
+// The gateway declares its app and user exchanges at start: give this test
+// its own and delete them afterwards, so runs leave nothing on the broker.
+const OWN_EXCHANGES = [`e2e.node.app.${suffix}`, `e2e.node.user.${suffix}`];
 let gateway;
 let logPath;
 let wsUrl;
@@ -94,6 +97,12 @@ before(async () => {
       '[broker]',
       'addresses = ["127.0.0.1:61613"]',
       '',
+      '[app]',
+      `exchange = "${OWN_EXCHANGES[0]}"`,
+      '',
+      '[user]',
+      `exchange = "${OWN_EXCHANGES[1]}"`,
+      '',
       '[log]',
       'filter = "debug"',
       '',
@@ -111,8 +120,17 @@ before(async () => {
   }
 });
 
-after(() => {
+after(async () => {
   if (gateway && gateway.exitCode === null) gateway.kill('SIGKILL');
+  const auth = 'Basic ' + Buffer.from('guest:guest').toString('base64');
+  for (const name of OWN_EXCHANGES) {
+    const r = await fetch(`http://127.0.0.1:15672/api/exchanges/%2F/${name}`, {
+      method: 'DELETE',
+      headers: { authorization: auth },
+    });
+    // 404: the gateway never got as far as declaring it.
+    assert.ok(r.status === 204 || r.status === 404, `deleting exchange ${name}: HTTP ${r.status}`);
+  }
 });
 
 test('@stomp/stompjs subscribes, publishes, receives and gets receipts through the gateway', async (t) => {
