@@ -509,7 +509,15 @@ fn put_text(out: &mut BytesMut, text: &str, escaping: Escaping, is_name: bool) {
 /// the frame already has one: the first `content-length` header gets the real
 /// body length, later ones are dropped, and one is appended if missing.
 pub fn encode(frame: &Frame, version: Version, out: &mut BytesMut) {
-    let escaping = if frame.command.is_escape_exempt() {
+    let escaping = escaping_for(frame.command, version);
+    out.reserve(encoded_len_estimate(frame));
+    out.put_slice(frame.command.as_str().as_bytes());
+    out.put_u8(b'\n');
+    put_rest(&frame.headers, &frame.body, escaping, out);
+}
+
+fn escaping_for(command: Command, version: Version) -> Escaping {
+    if command.is_escape_exempt() {
         Escaping::None
     } else {
         match version {
@@ -517,15 +525,45 @@ pub fn encode(frame: &Frame, version: Version, out: &mut BytesMut) {
             Version::V1_1 => Escaping::V1_1,
             Version::V1_2 => Escaping::V1_2,
         }
-    };
-    out.reserve(encoded_len_estimate(frame));
-    out.put_slice(frame.command.as_str().as_bytes());
+    }
+}
+
+/// Writes one header line (`name:value` LF) of a `command` frame, escaped by
+/// `version`'s rules. With [`encode_rest`] this builds a frame in pieces:
+/// the command line, some header lines, then the shared rest.
+pub fn encode_header(
+    command: Command,
+    name: &str,
+    value: &str,
+    version: Version,
+    out: &mut BytesMut,
+) {
+    let escaping = escaping_for(command, version);
+    put_text(out, name, escaping, true);
+    out.put_u8(b':');
+    put_text(out, value, escaping, false);
     out.put_u8(b'\n');
+}
+
+/// Writes what follows a frame's command line and any header lines already
+/// written with [`encode_header`]: `headers`, `content-length` (as
+/// [`encode`] does), the blank line, the body and the NUL.
+pub fn encode_rest(
+    command: Command,
+    headers: &[(String, String)],
+    body: &[u8],
+    version: Version,
+    out: &mut BytesMut,
+) {
+    put_rest(headers, body, escaping_for(command, version), out);
+}
+
+fn put_rest(headers: &[(String, String)], body: &[u8], escaping: Escaping, out: &mut BytesMut) {
     let mut wrote_length = false;
-    for (name, value) in &frame.headers {
+    for (name, value) in headers {
         if name == "content-length" {
             if !wrote_length {
-                put_content_length(out, frame.body.len());
+                put_content_length(out, body.len());
                 wrote_length = true;
             }
             continue;
@@ -535,11 +573,11 @@ pub fn encode(frame: &Frame, version: Version, out: &mut BytesMut) {
         put_text(out, value, escaping, false);
         out.put_u8(b'\n');
     }
-    if !wrote_length && !frame.body.is_empty() {
-        put_content_length(out, frame.body.len());
+    if !wrote_length && !body.is_empty() {
+        put_content_length(out, body.len());
     }
     out.put_u8(b'\n');
-    out.put_slice(&frame.body);
+    out.put_slice(body);
     out.put_u8(0);
 }
 

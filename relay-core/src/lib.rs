@@ -2,7 +2,8 @@
 //!
 //! Nothing here touches a socket, a clock or a runtime: the [`codec`] turns
 //! bytes into [`Frame`]s and back, [`destination`] decides which path serves a
-//! destination, [`heartbeat`] negotiates heart-beats, and
+//! destination, [`heartbeat`] negotiates heart-beats, [`hub`] is the local fan-out table
+//! (who subscribed to what, one encoding per message), and
 //! [`session::Session`] is the per-client relay state machine (inputs plus
 //! the current time in, actions out). The `gateway` crate does the I/O.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@ pub mod codec;
 pub mod destination;
 pub mod frame;
 pub mod heartbeat;
+pub mod hub;
 pub mod session;
 
 pub use codec::{encode, DecodeError, Decoder, Item, Limits};
