@@ -1,8 +1,9 @@
 //! Sans-IO core of stomp-gateway.
 //!
 //! Nothing here touches a socket, a clock or a runtime: the [`codec`] turns
-//! bytes into [`Frame`]s and back, [`destination`] decides which path serves a
-//! destination, [`heartbeat`] negotiates heart-beats, [`hub`] is the local fan-out table
+//! bytes into [`Frame`]s and back, [`router`] decides which path serves a
+//! frame and whether the client may use it ([`policy`] holds the configured
+//! rules), [`heartbeat`] negotiates heart-beats, [`hub`] is the local fan-out table
 //! (who subscribed to what, one encoding per message), and
 //! [`session::Session`] is the per-client relay state machine (inputs plus
 //! the current time in, actions out). The `gateway` crate does the I/O.
@@ -13,6 +14,8 @@ pub mod destination;
 pub mod frame;
 pub mod heartbeat;
 pub mod hub;
+pub mod policy;
+pub mod router;
 pub mod session;
 
 pub use codec::{encode, DecodeError, Decoder, Item, Limits};
