@@ -15,6 +15,7 @@ pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod embedded;
 pub mod health;
 pub mod metrics;
 pub mod server;
