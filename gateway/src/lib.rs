@@ -19,5 +19,6 @@ pub mod embedded;
 pub mod health;
 pub mod metrics;
 pub mod server;
+pub mod sockjs;
 pub mod system;
 pub mod telemetry;
