@@ -31,6 +31,21 @@ pub struct Metrics {
     ready: IntGauge,
 }
 
+/// Every `reason` label of `sessions_closed_total`.
+const CLOSE_REASONS: [&str; 8] = [
+    "client_disconnect",
+    "client_gone",
+    "client_error",
+    "connect_timeout",
+    "client_heartbeat_timeout",
+    "broker_error",
+    "broker_lost",
+    "shutdown",
+];
+
+/// Every `reason` label of `connections_rejected_total`.
+const REJECTIONS: [&str; 3] = ["connection_limit", "origin", "shutting_down"];
+
 /// Why an upgrade request was turned away.
 #[derive(Debug, Clone, Copy)]
 pub enum Rejection {
@@ -82,6 +97,14 @@ impl Metrics {
         )?;
         for v in [&frames, &bytes, &app, &closed, &rejected] {
             registry.register(Box::new(v.clone()))?;
+        }
+        // Every known label value is exported from the start (at 0), so a
+        // rate() or an alert sees the series before the first event.
+        for reason in CLOSE_REASONS {
+            closed.with_label_values(&[reason]);
+        }
+        for reason in REJECTIONS {
+            rejected.with_label_values(&[reason]);
         }
         Ok(Metrics {
             sessions_opened: counter("sessions_opened_total", "Client sessions opened")?,
