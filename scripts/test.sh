@@ -20,6 +20,8 @@ else
 fi
 npm test --prefix tests/node
 
+scripts/validate-deploy.sh   # Helm, kustomize, compose, HAProxy, Prometheus, dashboard (offline)
+
 # Cluster phase. The tests in tests/tests/cluster.rs are #[ignore]d in the
 # run above: they are slow, must run one at a time, and the disruptive ones
 # stop and start node sgw-a@localhost of the test cluster (never the main
