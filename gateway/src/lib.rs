@@ -16,6 +16,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod embedded;
+pub mod fanout;
 pub mod health;
 pub mod metrics;
 pub mod server;
