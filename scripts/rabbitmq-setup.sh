@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Makes the local RabbitMQ node ready for stomp-gateway: node running, the
-# STOMP, Web-STOMP and management plugins enabled, and the STOMP (61613),
-# Web-STOMP (15674) and management (15672) ports accepting connections. Safe to run repeatedly.
+# STOMP, Web-STOMP and management plugins enabled, and the AMQP (5672),
+# STOMP (61613), Web-STOMP (15674) and management (15672) ports accepting
+# connections. Safe to run repeatedly.
 set -euo pipefail
 
+AMQP_PORT="${RABBITMQ_AMQP_PORT:-5672}"
 STOMP_PORT="${RABBITMQ_STOMP_PORT:-61613}"
 MGMT_PORT="${RABBITMQ_MANAGEMENT_PORT:-15672}"
 WEB_STOMP_PORT="${RABBITMQ_WEB_STOMP_PORT:-15674}"
@@ -42,7 +44,8 @@ wait_port() {
   done
 }
 
+wait_port "$AMQP_PORT" "RabbitMQ AMQP (the gateway's control plane)"
 wait_port "$STOMP_PORT" "RabbitMQ STOMP plugin"
 wait_port "$MGMT_PORT" "RabbitMQ management API"
 wait_port "$WEB_STOMP_PORT" "RabbitMQ Web-STOMP plugin (the load generator's tests compare against it)"
-log "ready: STOMP on 127.0.0.1:${STOMP_PORT}, management API on 127.0.0.1:${MGMT_PORT}"
+log "ready: AMQP on 127.0.0.1:${AMQP_PORT}, STOMP on ${STOMP_PORT}, Web-STOMP on ${WEB_STOMP_PORT}, management API on ${MGMT_PORT}"
