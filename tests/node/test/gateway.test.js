@@ -12,17 +12,13 @@ const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
-const net = require('node:net');
 const path = require('node:path');
 
 // As the stompjs docs show for Node: provide a global WebSocket.
 Object.assign(global, { WebSocket: require('ws') });
 const { Client } = require('@stomp/stompjs');
 
-const WORKSPACE = path.resolve(__dirname, '..', '..', '..');
-const TARGET = process.env.CARGO_TARGET_DIR
-  ? path.resolve(WORKSPACE, process.env.CARGO_TARGET_DIR)
-  : path.join(WORKSPACE, 'target');
+const { TARGET, freePort } = require('../lib');
 const SUBPROTOCOLS = ['v12.stomp', 'v11.stomp', 'v10.stomp'];
 
 function gatewayBinary() {
@@ -31,18 +27,6 @@ function gatewayBinary() {
     throw new Error(`stomp-gateway binary not found at ${bin}: run \`cargo build -p stomp-gateway\` first`);
   }
   return bin;
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 function withTimeout(promise, ms, what) {
