@@ -55,7 +55,8 @@ fn main() -> ExitCode {
     }
 
     telemetry::init(&config.log);
-    raise_fd_limit(config.server.max_connections);
+    let open_file_limit = raise_fd_limit(config.server.max_connections);
+    info!("{}", startup_line(&config, open_file_limit));
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -84,30 +85,72 @@ fn one_line(e: &anyhow::Error) -> String {
 
 /// Each session holds two sockets (the browser's and its broker
 /// connection): raise the soft open-file limit to the hard one so
-/// `server.max_connections` is reachable, and say so when it is not.
-fn raise_fd_limit(max_connections: usize) {
+/// `server.max_connections` is reachable, warn with what to change when it
+/// is not, and return the limit in effect (None when it cannot be read).
+fn raise_fd_limit(max_connections: usize) -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
     let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
         hard
     } else {
         soft
     };
+    if let Some(warning) = fd_limit_warning(limit, max_connections) {
+        warn!(open_file_limit = limit, "{warning}");
+    }
+    Some(limit)
+}
+
+/// Descriptors kept aside for listeners, the AMQP and system connections,
+/// log files and the like.
+const FD_RESERVE: u64 = 64;
+
+/// The warning for an open-file limit that cannot hold `max_connections`
+/// sessions, saying what to change; None when it can.
+fn fd_limit_warning(limit: u64, max_connections: usize) -> Option<String> {
     let needed = (max_connections as u64)
         .saturating_mul(2)
-        .saturating_add(64);
-    if limit < needed {
-        warn!(
-            open_file_limit = limit,
-            needed,
-            "open-file limit too low for server.max_connections: sessions past about {} will fail",
-            limit.saturating_sub(64) / 2
-        );
-    } else {
-        info!(open_file_limit = limit, "open-file limit");
+        .saturating_add(FD_RESERVE);
+    if limit >= needed {
+        return None;
     }
+    let reachable = limit.saturating_sub(FD_RESERVE) / 2;
+    Some(format!(
+        "open-file limit {limit} is too low for server.max_connections = {max_connections} \
+         (each session holds 2 descriptors, {needed} needed): sessions past about {reachable} \
+         will fail; raise the hard limit to {needed} or more (ulimit -Hn, systemd LimitNOFILE=, \
+         the container's nofile ulimit) or lower server.max_connections to {reachable} \
+         (GATEWAY__SERVER__MAX_CONNECTIONS)"
+    ))
+}
+
+/// The one start-up line: version, listeners, broker target, AMQP, auth
+/// mode and the limits that matter.
+fn startup_line(config: &config::Config, open_file_limit: Option<u64>) -> String {
+    let c = config.masked();
+    let endpoints: Vec<&str> = c.server.endpoints.iter().map(|e| e.path.as_str()).collect();
+    let tls = if c.broker.tls.enabled { ", TLS" } else { "" };
+    let amqp = c.amqp.urls().collect::<Vec<_>>().join(", ");
+    let auth = match c.auth.mode {
+        config::AuthMode::None => "none (anonymous sessions)".to_owned(),
+        config::AuthMode::Jwt => format!("jwt ({})", c.auth.jwt_algorithm.as_str()),
+    };
+    let files = open_file_limit.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+    format!(
+        "stomp-gateway {version} starting: clients on {listen} {endpoints:?}, admin on {admin}; \
+         broker: relay to {brokers:?} (vhost {vhost:?}{tls}); AMQP: {amqp}; auth: {auth}; \
+         limits: {max_conn} connections (open files {files}), frames {frame} bytes, \
+         {subs} subscriptions per session; drain {drain} ms",
+        version = env!("CARGO_PKG_VERSION"),
+        listen = c.server.listen,
+        admin = c.server.admin_listen,
+        brokers = c.broker.addresses,
+        vhost = c.broker.virtual_host,
+        max_conn = c.server.max_connections,
+        frame = c.session.max_frame_size,
+        subs = c.session.max_subscriptions,
+        drain = c.server.drain_period_ms,
+    )
 }
 
 fn run(config: config::Config) -> anyhow::Result<()> {
@@ -117,12 +160,6 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async move {
-        info!(
-            "stomp-gateway {} starting (listen {}, admin {})",
-            env!("CARGO_PKG_VERSION"),
-            config.server.listen,
-            config.server.admin_listen
-        );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         spawn_signal_handler(shutdown_tx)?;
         server::run(Arc::new(config), shutdown_rx).await?;
@@ -154,4 +191,42 @@ fn spawn_signal_handler(shutdown: watch::Sender<bool>) -> anyhow::Result<()> {
         std::process::exit(EXIT_FORCED);
     });
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_warning_says_what_to_change() {
+        assert_eq!(fd_limit_warning(20_064, 10_000), None);
+        let w = fd_limit_warning(20_000, 10_000).unwrap();
+        assert!(w.contains("open-file limit 20000"), "{w}");
+        assert!(w.contains("20064 needed"), "{w}");
+        assert!(w.contains("raise the hard limit to 20064"), "{w}");
+        assert!(w.contains("lower server.max_connections to 9968"), "{w}");
+    }
+
+    #[test]
+    fn the_startup_line_names_listeners_broker_auth_and_limits() {
+        let mut c = config::Config::default();
+        c.amqp.url = "amqp://gw:hunter2@rabbit:5672/%2f".into();
+        c.auth.mode = config::AuthMode::Jwt;
+        let line = startup_line(&c, Some(20_000));
+        for part in [
+            env!("CARGO_PKG_VERSION"),
+            "clients on 0.0.0.0:8080 [\"/ws\"]",
+            "admin on 0.0.0.0:9090",
+            "relay to [\"127.0.0.1:61613\"]",
+            "AMQP: amqp://gw:******@rabbit:5672/%2f",
+            "auth: jwt (HS256)",
+            "10000 connections (open files 20000)",
+            "drain 20000 ms",
+        ] {
+            assert!(line.contains(part), "{part:?} missing from {line}");
+        }
+        assert!(!line.contains("hunter2"), "{line}");
+        assert!(startup_line(&config::Config::default(), None).contains("auth: none"));
+    }
 }
