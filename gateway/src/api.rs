@@ -405,7 +405,7 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Resp {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::amqp::tests::{admin_connection, get_one, test_config, unique, with_cleanup};
+    use crate::amqp::tests::{admin_connection, get_one, start, test_config, unique, with_cleanup};
     use crate::config::{BindingDecl, QueueDecl};
     use crate::health::Health;
     use std::net::SocketAddr;
@@ -419,7 +419,7 @@ mod tests {
         let config = Arc::new(config);
         let health = Arc::new(Health::new());
         let (tx, rx) = watch::channel(false);
-        let control = ControlPlane::start(config.clone(), health.clone(), rx.clone())
+        let control = start(config.clone(), health.clone(), rx.clone())
             .await
             .expect("control plane starts");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -7,16 +7,14 @@
 //! default `sub`); it is what user destinations resolve with and what
 //! application messages carry in `stomp-user`.
 
+use crate::config::JwtAlgorithm;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use relay_core::session::Authenticate;
 use relay_core::Frame;
-use std::str::FromStr;
 
 /// A JWT setting that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("auth.jwt_algorithm: unknown algorithm {0:?}")]
-    Algorithm(String),
     #[error("auth.jwt_secret: an HMAC algorithm needs a non-empty secret")]
     MissingSecret,
     #[error("auth.jwt_public_key_file: cannot read {path}: {reason}")]
@@ -25,10 +23,43 @@ pub enum AuthError {
     Key { path: String, reason: String },
 }
 
+impl AuthError {
+    /// The configuration key the error is about.
+    pub fn key(&self) -> &'static str {
+        match self {
+            AuthError::MissingSecret => "auth.jwt_secret",
+            AuthError::KeyFile { .. } | AuthError::Key { .. } => "auth.jwt_public_key_file",
+        }
+    }
+
+    /// The message without the key (for `invalid config: <key>: <reason>`).
+    pub fn reason(&self) -> String {
+        let text = self.to_string();
+        text.strip_prefix(self.key())
+            .and_then(|r| r.strip_prefix(": "))
+            .map_or_else(|| text.clone(), str::to_owned)
+    }
+}
+
+impl From<JwtAlgorithm> for Algorithm {
+    fn from(a: JwtAlgorithm) -> Algorithm {
+        match a {
+            JwtAlgorithm::Hs256 => Algorithm::HS256,
+            JwtAlgorithm::Hs384 => Algorithm::HS384,
+            JwtAlgorithm::Hs512 => Algorithm::HS512,
+            JwtAlgorithm::Rs256 => Algorithm::RS256,
+            JwtAlgorithm::Rs384 => Algorithm::RS384,
+            JwtAlgorithm::Rs512 => Algorithm::RS512,
+            JwtAlgorithm::Es256 => Algorithm::ES256,
+            JwtAlgorithm::Es384 => Algorithm::ES384,
+        }
+    }
+}
+
 /// Settings for [`JwtAuthenticator::new`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JwtSettings {
-    pub algorithm: String,
+    pub algorithm: Algorithm,
     pub secret: String,
     pub public_key_file: String,
     pub issuer: String,
@@ -57,8 +88,7 @@ impl std::fmt::Debug for JwtAuthenticator {
 
 impl JwtAuthenticator {
     pub fn new(s: &JwtSettings) -> Result<JwtAuthenticator, AuthError> {
-        let algorithm = Algorithm::from_str(&s.algorithm)
-            .map_err(|_| AuthError::Algorithm(s.algorithm.clone()))?;
+        let algorithm = s.algorithm;
         let key = match algorithm {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
                 if s.secret.is_empty() {
@@ -152,12 +182,13 @@ mod tests {
 
     fn settings() -> JwtSettings {
         JwtSettings {
-            algorithm: "HS256".into(),
+            algorithm: Algorithm::HS256,
             secret: "s3cret".into(),
+            public_key_file: String::new(),
             issuer: "https://issuer.example".into(),
+            audience: String::new(),
             user_claim: "sub".into(),
             token_header: "Authorization".into(),
-            ..JwtSettings::default()
         }
     }
 
@@ -250,12 +281,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("auth.jwt_secret"));
-        s.algorithm = "XX1".into();
-        assert!(JwtAuthenticator::new(&s)
-            .unwrap_err()
-            .to_string()
-            .starts_with("auth.jwt_algorithm"));
-        s.algorithm = "RS256".into();
+        s.algorithm = Algorithm::RS256;
         s.public_key_file = "/nonexistent/key.pem".into();
         assert!(JwtAuthenticator::new(&s)
             .unwrap_err()

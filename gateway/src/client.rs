@@ -18,7 +18,7 @@ use crate::broker::{
     self, BrokerError, BrokerReadHalf, BrokerStream, BrokerWriteHalf, FrameReader,
 };
 use crate::config::MessageType;
-use crate::server::Shared;
+use crate::state::Shared;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
 use futures_util::{FutureExt, SinkExt};

@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
+use stomp_gateway::settings::Settings;
 use stomp_gateway::{config, server, telemetry};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -39,25 +39,22 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
 
-    let config = match config::load(args.config.as_deref()).and_then(|c| {
-        c.validate()?;
-        Ok(c)
-    }) {
-        Ok(c) => c,
+    let settings = match config::load(args.config.as_deref()).and_then(Settings::new) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("stomp-gateway: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     if args.check_config {
-        print!("{}", config.masked().to_toml());
+        print!("{}", settings.config.masked().to_toml());
         return ExitCode::SUCCESS;
     }
 
-    telemetry::init(&config.log);
-    let open_file_limit = raise_fd_limit(config.server.max_connections);
-    info!("{}", startup_line(&config, open_file_limit));
-    match run(config) {
+    telemetry::init(&settings.config.log);
+    let open_file_limit = raise_fd_limit(settings.config.server.max_connections);
+    info!("{}", startup_line(&settings.config, open_file_limit));
+    match run(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("stomp-gateway stopped: {}", one_line(&e));
@@ -153,7 +150,7 @@ fn startup_line(config: &config::Config, open_file_limit: Option<u64>) -> String
     )
 }
 
-fn run(config: config::Config) -> anyhow::Result<()> {
+fn run(settings: Settings) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("stomp-gateway")
@@ -162,7 +159,7 @@ fn run(config: config::Config) -> anyhow::Result<()> {
     let result = runtime.block_on(async move {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         spawn_signal_handler(shutdown_tx)?;
-        server::run(Arc::new(config), shutdown_rx).await?;
+        server::run(settings, shutdown_rx).await?;
         info!("stomp-gateway stopped");
         Ok(())
     });

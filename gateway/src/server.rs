@@ -4,10 +4,10 @@
 //! [`crate::client`] task.
 
 use crate::amqp::{ControlPlane, ControlPlaneError};
-use crate::auth::{AuthError, JwtAuthenticator, JwtSettings};
-use crate::config::{AuthMode, Config, MessageType};
 use crate::health::Health;
 use crate::metrics::{Metrics, Rejection};
+use crate::settings::Settings;
+use crate::state::Shared;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -15,19 +15,15 @@ use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use relay_core::destination::Router;
-use relay_core::heartbeat::HeartBeat;
-use relay_core::session::{Authenticate, SessionConfig};
-use relay_core::{Limits, Version};
+use relay_core::Version;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
@@ -40,167 +36,31 @@ pub enum ServerError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Auth(#[from] AuthError),
     #[error("AMQP control plane: {0}")]
     ControlPlane(#[from] ControlPlaneError),
-    #[error("broker TLS: {0}")]
-    BrokerTls(#[from] crate::broker::TlsError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
-}
-
-/// Everything a connection task needs, shared by all of them.
-#[derive(Debug)]
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub health: Arc<Health>,
-    pub session: Arc<SessionConfig>,
-    /// Codec limits for client frames.
-    pub client_limits: Limits,
-    /// Codec limits for broker frames (client limits plus headroom for the
-    /// headers the broker adds).
-    pub broker_limits: Limits,
-    pub ws_config: WebSocketConfig,
-    pub message_type: MessageType,
-    pub shutdown: watch::Receiver<bool>,
-    /// This process's identity (`server.pod_id`), in logs and metrics.
-    pub pod: String,
-    pub metrics: Arc<Metrics>,
-    /// Publishes application messages (`/app/**`).
-    pub control: ControlPlane,
-    /// TLS to the broker (`[broker.tls]`), `None` for plain TCP; shared by
-    /// every session and the system link.
-    pub broker_tls: Option<Arc<crate::broker::BrokerTls>>,
-    permits: Arc<Semaphore>,
-    id_prefix: u32,
-    next_id: AtomicU64,
-}
-
-impl Shared {
-    /// Derives the per-session settings from the configuration.
-    pub fn new(
-        config: Arc<Config>,
-        health: Arc<Health>,
-        control: ControlPlane,
-        metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<Shared, ServerError> {
-        let s = &config.session;
-        let b = &config.broker;
-        let addresses = u32::try_from(b.addresses.len()).unwrap_or(u32::MAX);
-        let authenticator: Option<Arc<dyn Authenticate>> = match config.auth.mode {
-            AuthMode::None => None,
-            AuthMode::Jwt => {
-                let a = &config.auth;
-                Some(Arc::new(JwtAuthenticator::new(&JwtSettings {
-                    algorithm: a.jwt_algorithm.as_str().to_owned(),
-                    secret: a.jwt_secret.clone(),
-                    public_key_file: a.jwt_public_key_file.clone(),
-                    issuer: a.jwt_issuer.clone(),
-                    audience: a.jwt_audience.clone(),
-                    user_claim: a.user_claim.clone(),
-                    token_header: a.token_header.clone(),
-                })?))
-            }
-        };
-        let session = SessionConfig {
-            client_heartbeat: HeartBeat::new(s.heartbeat_send_ms, s.heartbeat_receive_ms),
-            broker_heartbeat: HeartBeat::new(
-                b.client_heartbeat_send_ms,
-                b.client_heartbeat_receive_ms,
-            ),
-            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
-            // Every address may take the whole connect timeout, then CONNECTED.
-            broker_timeout: Duration::from_millis(b.connect_timeout_ms)
-                .saturating_mul(addresses.saturating_add(1)),
-            max_subscriptions: s.max_subscriptions,
-            max_pending_frames: s.max_pending_frames,
-            broker_login: b.client_login.clone(),
-            broker_passcode: b.client_passcode.clone(),
-            virtual_host: b.virtual_host.clone(),
-            router: Router::new(
-                b.relay_prefixes.clone(),
-                config.app.prefixes.clone(),
-                Some(config.user.prefix.clone()),
-            ),
-            server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
-            control_plane: true,
-            user_exchange: config.user.exchange.clone(),
-            user_send_enabled: config.user.client_send_enabled,
-            max_inflight_publishes: config.app.max_inflight_per_session,
-            authenticator,
-        };
-        let client_limits = Limits {
-            max_frame_size: s.max_frame_size,
-            max_headers: s.max_header_count,
-            max_header_line: s.max_header_line,
-        };
-        let broker_limits = Limits {
-            max_frame_size: s.max_frame_size.saturating_add(16 * 1024),
-            max_headers: s.max_header_count.saturating_add(32),
-            max_header_line: s.max_header_line.saturating_add(1024),
-        };
-        let ws_config = WebSocketConfig::default()
-            // The default 128 KiB read buffer is zero-filled per connection;
-            // STOMP frames are small, the buffer grows when needed.
-            .read_buffer_size(4 * 1024)
-            // Frames fed in one batch leave in one write (the writer task
-            // flushes per batch); 0 would write every frame on its own.
-            .write_buffer_size(8 * 1024)
-            .max_message_size(Some(config.server.max_ws_message_size))
-            .max_frame_size(Some(config.server.max_ws_message_size));
-        Ok(Shared {
-            broker_tls: crate::broker::BrokerTls::from_config(&config.broker.tls)?,
-            pod: control.pod_id().to_owned(),
-            metrics,
-            control,
-            permits: Arc::new(Semaphore::new(config.server.max_connections)),
-            message_type: config.server.message_type,
-            session: Arc::new(session),
-            client_limits,
-            broker_limits,
-            ws_config,
-            config,
-            health,
-            shutdown,
-            id_prefix: rand::random(),
-            next_id: AtomicU64::new(1),
-        })
-    }
-
-    fn next_session_id(&self) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}-{n}", self.id_prefix)
-    }
 }
 
 /// Binds both listeners, starts the admin server and the system link, and
 /// serves clients until `shutdown` turns true. Then it stops accepting,
 /// closes every session (ERROR, WebSocket close 1001) and returns.
-pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    let config = settings.config.clone();
     let health = Arc::new(Health::default());
-    // Resolved once (it may read /etc/hostname); the control plane also puts
-    // it in /readyz and AMQP app_id, Shared in session logs.
-    let pod = config.pod_id();
+    let pod = settings.pod.clone();
     let metrics = Arc::new(Metrics::new(&pod)?);
     let listener = bind(&config.server.listen, "client listener").await?;
     let admin = bind(&config.server.admin_listen, "admin listener").await?;
     // Declares the topology first: a conflict stops start-up here.
-    let control = ControlPlane::start_as(
-        config.clone(),
-        health.clone(),
-        shutdown.clone(),
-        pod.clone(),
-    )
-    .await?;
+    let control = ControlPlane::start(&settings, health.clone(), shutdown.clone()).await?;
     let shared = Arc::new(Shared::new(
-        config.clone(),
+        &settings,
         health.clone(),
         control.clone(),
         metrics.clone(),
         shutdown.clone(),
-    )?);
+    ));
     info!(
         %pod,
         listen = %local(&listener),
@@ -223,7 +83,7 @@ pub async fn run(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Result
             }
         }
     });
-    let system = tokio::spawn(crate::system::run_with_tls(
+    let system = tokio::spawn(crate::system::run(
         config.clone(),
         health.clone(),
         shared.broker_tls.clone(),

@@ -7,9 +7,10 @@
 //! says whether the link is up and why it last went down. With
 //! `[broker.tls] enabled`, the link is TLS like every client session's.
 
-use crate::broker::{self, BrokerError, BrokerReadHalf, BrokerTls, BrokerWriteHalf, FrameReader};
+use crate::broker::{self, BrokerError, BrokerReadHalf, BrokerWriteHalf, FrameReader};
 use crate::config::Config;
 use crate::health::Health;
+use crate::tls::BrokerTls;
 use bytes::BytesMut;
 use rand::Rng;
 use relay_core::codec::HEARTBEAT;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 /// Extra silence tolerated on top of twice the broker's heart-beat interval
 /// (network jitter, scheduling).
@@ -36,27 +37,9 @@ const DISCONNECT_RECEIPT: &str = "system-disconnect";
 /// Never returns early and never panics on network input: every failure is
 /// logged once, recorded in `health`, and followed by a reconnect.
 ///
-/// Builds the TLS client from `[broker.tls]` itself; use [`run_with_tls`] to
-/// share one [`BrokerTls`] with the client sessions. If `[broker.tls]`
-/// cannot be used (a file vanished since the configuration was checked), the
-/// link stays down with that reason until shutdown.
-pub async fn run(config: Arc<Config>, health: Arc<Health>, mut shutdown: watch::Receiver<bool>) {
-    match BrokerTls::from_config(&config.broker.tls) {
-        Ok(tls) => run_with_tls(config, health, tls, shutdown).await,
-        Err(e) => {
-            let reason = format!("system link cannot start: {e}");
-            error!("{reason}");
-            health.set_broker_tls(config.broker.tls.enabled);
-            health.set_system_link_down(&reason);
-            stopped(&mut shutdown).await;
-            health.set_system_link_down("shutting down");
-        }
-    }
-}
-
-/// [`run`] with the TLS client (`None`: plain TCP) built by the caller from
-/// `[broker.tls]` ([`BrokerTls::from_config`]).
-pub async fn run_with_tls(
+/// `tls` is the TLS client built once from `[broker.tls]` (see
+/// [`crate::settings::Settings`]); `None` for plain TCP.
+pub async fn run(
     config: Arc<Config>,
     health: Arc<Health>,
     tls: Option<Arc<BrokerTls>>,
@@ -420,7 +403,8 @@ mod tests {
     fn start(config: Arc<Config>) -> (Arc<Health>, watch::Sender<bool>, JoinHandle<()>) {
         let health = Arc::new(Health::new());
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(run(config, health.clone(), rx));
+        let tls = BrokerTls::from_config(&config.broker.tls).expect("usable [broker.tls]");
+        let task = tokio::spawn(run(config, health.clone(), tls, rx));
         (health, tx, task)
     }
 
@@ -464,8 +448,8 @@ mod tests {
     /// in-process TLS terminator.
     #[tokio::test]
     async fn connects_over_tls_and_reports_an_untrusted_certificate() {
-        use crate::broker::tests::{test_pki, tls_terminator, Dir};
         use crate::config::TlsConfig;
+        use crate::tls::tests::{test_pki, tls_terminator, Dir};
         let dir = Dir::new("system-tls");
         let pki = test_pki(&["127.0.0.1", "localhost"]);
         let addr = tls_terminator(&pki, "127.0.0.1:61613").await;
@@ -501,22 +485,6 @@ mod tests {
         assert!(!health.is_ready());
         let err = health.last_error().unwrap_or_default();
         assert!(err.contains("certificate was not trusted"), "{err}");
-        stop(tx, task).await;
-    }
-
-    #[tokio::test]
-    async fn unusable_tls_files_keep_the_link_down() {
-        let mut c = (*test_config(&["127.0.0.1:61613"])).clone();
-        c.broker.tls.enabled = true;
-        c.broker.tls.ca_file = "/nonexistent/ca.pem".into();
-        let (health, tx, task) = start(Arc::new(c));
-        wait_until("the TLS error", Duration::from_secs(5), || {
-            health.last_error().is_some()
-        })
-        .await;
-        let err = health.last_error().unwrap_or_default();
-        assert!(err.contains("broker.tls.ca_file"), "{err}");
-        assert!(!health.is_ready());
         stop(tx, task).await;
     }
 

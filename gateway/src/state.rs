@@ -1,0 +1,137 @@
+//! The process-wide state every connection task shares ([`Shared`]): the
+//! settings, health, metrics, the AMQP control plane, the per-session
+//! configuration of the session core and the connection permits. Built once
+//! by [`crate::server::run`]; the listener, the client driver and the admin
+//! server only read it.
+
+use crate::amqp::ControlPlane;
+use crate::config::{Config, MessageType};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use relay_core::destination::Router;
+use relay_core::heartbeat::HeartBeat;
+use relay_core::session::{Authenticate, SessionConfig};
+use relay_core::Limits;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Everything a connection task needs, shared by all of them.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub health: Arc<Health>,
+    pub session: Arc<SessionConfig>,
+    /// Codec limits for client frames.
+    pub client_limits: Limits,
+    /// Codec limits for broker frames (client limits plus headroom for the
+    /// headers the broker adds).
+    pub broker_limits: Limits,
+    pub ws_config: WebSocketConfig,
+    pub message_type: MessageType,
+    pub shutdown: watch::Receiver<bool>,
+    /// This process's identity (`server.pod_id`), in logs and metrics.
+    pub pod: String,
+    pub metrics: Arc<Metrics>,
+    /// Publishes application messages (`/app/**`).
+    pub control: ControlPlane,
+    /// TLS to the broker (`[broker.tls]`), `None` for plain TCP; shared by
+    /// every session and the system link.
+    pub broker_tls: Option<Arc<crate::tls::BrokerTls>>,
+    /// One permit per client connection (`server.max_connections`).
+    pub permits: Arc<Semaphore>,
+    id_prefix: u32,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// Derives the per-session settings from the configuration.
+    pub fn new(
+        settings: &Settings,
+        health: Arc<Health>,
+        control: ControlPlane,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Shared {
+        let config = settings.config.clone();
+        let s = &config.session;
+        let b = &config.broker;
+        let addresses = u32::try_from(b.addresses.len()).unwrap_or(u32::MAX);
+        let authenticator = settings
+            .authenticator
+            .clone()
+            .map(|a| a as Arc<dyn Authenticate>);
+        let session = SessionConfig {
+            client_heartbeat: HeartBeat::new(s.heartbeat_send_ms, s.heartbeat_receive_ms),
+            broker_heartbeat: HeartBeat::new(
+                b.client_heartbeat_send_ms,
+                b.client_heartbeat_receive_ms,
+            ),
+            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+            // Every address may take the whole connect timeout, then CONNECTED.
+            broker_timeout: Duration::from_millis(b.connect_timeout_ms)
+                .saturating_mul(addresses.saturating_add(1)),
+            max_subscriptions: s.max_subscriptions,
+            max_pending_frames: s.max_pending_frames,
+            broker_login: b.client_login.clone(),
+            broker_passcode: b.client_passcode.clone(),
+            virtual_host: b.virtual_host.clone(),
+            router: Router::new(
+                b.relay_prefixes.clone(),
+                config.app.prefixes.clone(),
+                Some(config.user.prefix.clone()),
+            ),
+            server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
+            control_plane: true,
+            user_exchange: config.user.exchange.clone(),
+            user_send_enabled: config.user.client_send_enabled,
+            max_inflight_publishes: config.app.max_inflight_per_session,
+            authenticator,
+        };
+        let client_limits = Limits {
+            max_frame_size: s.max_frame_size,
+            max_headers: s.max_header_count,
+            max_header_line: s.max_header_line,
+        };
+        let broker_limits = Limits {
+            max_frame_size: s.max_frame_size.saturating_add(16 * 1024),
+            max_headers: s.max_header_count.saturating_add(32),
+            max_header_line: s.max_header_line.saturating_add(1024),
+        };
+        let ws_config = WebSocketConfig::default()
+            // The default 128 KiB read buffer is zero-filled per connection;
+            // STOMP frames are small, the buffer grows when needed.
+            .read_buffer_size(4 * 1024)
+            // Frames fed in one batch leave in one write (the writer task
+            // flushes per batch); 0 would write every frame on its own.
+            .write_buffer_size(8 * 1024)
+            .max_message_size(Some(config.server.max_ws_message_size))
+            .max_frame_size(Some(config.server.max_ws_message_size));
+        Shared {
+            broker_tls: settings.broker_tls.clone(),
+            pod: settings.pod.clone(),
+            metrics,
+            control,
+            permits: Arc::new(Semaphore::new(config.server.max_connections)),
+            message_type: config.server.message_type,
+            session: Arc::new(session),
+            client_limits,
+            broker_limits,
+            ws_config,
+            config,
+            health,
+            shutdown,
+            id_prefix: rand::random(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A new session id: a random per-process prefix and a counter.
+    pub fn next_session_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}-{n}", self.id_prefix)
+    }
+}
