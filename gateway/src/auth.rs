@@ -6,6 +6,11 @@
 //! `connectHeaders`. The user name comes from a claim (`auth.user_claim`,
 //! default `sub`); it is what user destinations resolve with and what
 //! application messages carry in `stomp-user`.
+//!
+//! Times: `exp` (expiry) is required unless `auth.jwt_require_exp` is
+//! false, and checked when present; `nbf` (not before) is checked when
+//! present; both with `auth.jwt_leeway_secs` of tolerance for clock skew.
+//! [`check_times`] does this with the time passed in.
 
 use crate::config::JwtAlgorithm;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -66,6 +71,54 @@ pub struct JwtSettings {
     pub audience: String,
     pub user_claim: String,
     pub token_header: String,
+    /// Clock-skew tolerance for `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Refuse tokens without `exp`.
+    pub require_exp: bool,
+}
+
+/// Checks a token's `exp` and `nbf` claims at `now` (seconds since the
+/// epoch): `exp` must be present when `require_exp`, and a present one must
+/// not be more than `leeway` seconds in the past; a present `nbf` must not
+/// be more than `leeway` seconds in the future. Both must be numbers
+/// (NumericDate). The error is the reason given to the client.
+pub fn check_times(
+    claims: &serde_json::Value,
+    now: u64,
+    leeway: u64,
+    require_exp: bool,
+) -> Result<(), String> {
+    let numeric = |name: &str| -> Result<Option<u64>, String> {
+        match claims.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                .map(Some)
+                .ok_or_else(|| format!("invalid token: the {name:?} claim is not a NumericDate")),
+        }
+    };
+    match numeric("exp")? {
+        None if require_exp => {
+            return Err("invalid token: no \"exp\" claim (tokens must expire)".into())
+        }
+        Some(exp) if exp.saturating_add(leeway) < now => {
+            return Err(format!(
+                "invalid token: expired {} s ago (leeway {leeway} s)",
+                now - exp
+            ))
+        }
+        _ => {}
+    }
+    if let Some(nbf) = numeric("nbf")? {
+        if nbf > now.saturating_add(leeway) {
+            return Err(format!(
+                "invalid token: not valid for another {} s (nbf; leeway {leeway} s)",
+                nbf - now
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Verifies a JWT from the CONNECT frame.
@@ -74,6 +127,8 @@ pub struct JwtAuthenticator {
     validation: Validation,
     user_claim: String,
     token_header: String,
+    leeway_secs: u64,
+    require_exp: bool,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
@@ -113,13 +168,21 @@ impl JwtAuthenticator {
             }
         };
         let mut validation = Validation::new(algorithm);
+        // exp and nbf: check_times, with the time and the policy explicit.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.required_spec_claims.clear();
+        // A configured issuer or audience must be present, not only match
+        // when present (jsonwebtoken skips the check for a missing claim).
         if !s.issuer.is_empty() {
             validation.set_issuer(&[&s.issuer]);
+            validation.required_spec_claims.insert("iss".into());
         }
         if s.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&[&s.audience]);
+            validation.required_spec_claims.insert("aud".into());
         }
         Ok(JwtAuthenticator {
             key,
@@ -134,6 +197,8 @@ impl JwtAuthenticator {
             } else {
                 s.token_header.clone()
             },
+            leeway_secs: s.leeway_secs,
+            require_exp: s.require_exp,
         })
     }
 
@@ -162,6 +227,12 @@ impl Authenticate for JwtAuthenticator {
         };
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)
             .map_err(|e| format!("invalid token: {e}"))?;
+        check_times(
+            &data.claims,
+            jsonwebtoken::get_current_timestamp(),
+            self.leeway_secs,
+            self.require_exp,
+        )?;
         match data.claims.get(&self.user_claim) {
             Some(serde_json::Value::String(u)) if !u.is_empty() => Ok(Some(u.clone())),
             Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
@@ -189,6 +260,8 @@ mod tests {
             audience: String::new(),
             user_claim: "sub".into(),
             token_header: "Authorization".into(),
+            leeway_secs: 60,
+            require_exp: true,
         }
     }
 
@@ -271,6 +344,125 @@ mod tests {
         assert!(a
             .authenticate(&connect("Authorization", "Bearer garbage"))
             .is_err());
+    }
+
+    #[test]
+    fn a_configured_issuer_or_audience_must_be_present() {
+        let mut s = settings();
+        s.audience = "chat".into();
+        let a = JwtAuthenticator::new(&s).unwrap();
+        let ok = token(
+            "s3cret",
+            serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "aud": "chat", "exp": exp()}),
+        );
+        assert_eq!(
+            a.authenticate(&connect("Authorization", &ok)),
+            Ok(Some("alice".into()))
+        );
+        for claims in [
+            serde_json::json!({"sub": "alice", "aud": "chat", "exp": exp()}),
+            serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "exp": exp()}),
+        ] {
+            let t = token("s3cret", claims.clone());
+            let e = a.authenticate(&connect("Authorization", &t)).unwrap_err();
+            assert!(e.contains("invalid token"), "{claims}: {e}");
+        }
+    }
+
+    const NOW: u64 = 1_800_000_000;
+    const LEEWAY: u64 = 60;
+
+    fn at(claims: serde_json::Value, require_exp: bool) -> Result<(), String> {
+        check_times(&claims, NOW, LEEWAY, require_exp)
+    }
+
+    #[test]
+    fn exp_is_honoured_to_the_edge_of_the_leeway() {
+        assert_eq!(at(serde_json::json!({"exp": NOW + 600}), true), Ok(()));
+        assert_eq!(at(serde_json::json!({"exp": NOW}), true), Ok(()));
+        assert_eq!(at(serde_json::json!({"exp": NOW - LEEWAY}), true), Ok(()));
+        let e = at(serde_json::json!({"exp": NOW - LEEWAY - 1}), true).unwrap_err();
+        assert_eq!(e, "invalid token: expired 61 s ago (leeway 60 s)");
+        assert!(check_times(&serde_json::json!({"exp": NOW - 1}), NOW, 0, true).is_err());
+        assert_eq!(
+            check_times(&serde_json::json!({"exp": NOW}), NOW, 0, true),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn nbf_in_the_future_is_refused_past_the_leeway() {
+        let exp = NOW + 600;
+        assert_eq!(
+            at(serde_json::json!({"exp": exp, "nbf": NOW}), true),
+            Ok(())
+        );
+        assert_eq!(
+            at(serde_json::json!({"exp": exp, "nbf": NOW + LEEWAY}), true),
+            Ok(())
+        );
+        let e = at(
+            serde_json::json!({"exp": exp, "nbf": NOW + LEEWAY + 1}),
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "invalid token: not valid for another 61 s (nbf; leeway 60 s)"
+        );
+        assert!(check_times(
+            &serde_json::json!({"exp": exp, "nbf": NOW + 1}),
+            NOW,
+            0,
+            true
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn missing_exp_follows_the_policy_and_bad_types_are_refused() {
+        let e = at(serde_json::json!({"sub": "alice"}), true).unwrap_err();
+        assert!(e.contains("no \"exp\" claim"), "{e}");
+        assert_eq!(at(serde_json::json!({"sub": "alice"}), false), Ok(()));
+        // Without the requirement a present exp is still checked.
+        assert!(at(serde_json::json!({"exp": NOW - LEEWAY - 1}), false).is_err());
+        for claims in [
+            serde_json::json!({"exp": "tomorrow"}),
+            serde_json::json!({"exp": -5}),
+            serde_json::json!({"exp": NOW + 600, "nbf": "now"}),
+        ] {
+            let e = at(claims.clone(), true).unwrap_err();
+            assert!(e.contains("is not a NumericDate"), "{claims}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_authenticator_applies_nbf_and_the_exp_policy() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let a = JwtAuthenticator::new(&settings()).unwrap();
+        let future = token(
+            "s3cret",
+            serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "exp": now + 7200, "nbf": now + 3600}),
+        );
+        let e = a
+            .authenticate(&connect("Authorization", &future))
+            .unwrap_err();
+        assert!(e.contains("nbf"), "{e}");
+        let forever = token(
+            "s3cret",
+            serde_json::json!({"sub": "alice", "iss": "https://issuer.example"}),
+        );
+        let e = a
+            .authenticate(&connect("Authorization", &forever))
+            .unwrap_err();
+        assert!(e.contains("exp"), "{e}");
+        let mut s = settings();
+        s.require_exp = false;
+        let lenient = JwtAuthenticator::new(&s).unwrap();
+        assert_eq!(
+            lenient.authenticate(&connect("Authorization", &forever)),
+            Ok(Some("alice".into()))
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ impl Settings {
                     audience: a.jwt_audience.clone(),
                     user_claim: a.user_claim.clone(),
                     token_header: a.token_header.clone(),
+                    leeway_secs: a.jwt_leeway_secs,
+                    require_exp: a.jwt_require_exp,
                 })
                 .map_err(auth_error)?;
                 Some(Arc::new(jwt))

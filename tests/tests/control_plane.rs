@@ -368,9 +368,18 @@ async fn jwt_on_connect_names_the_user_and_app_messages_carry_it() -> Result<()>
     let forged = jwt::token(&jwt::secret(), "alice");
     let expired =
         jwt::token_with_claims(&secret, json!({ "sub": "alice", "exp": jwt::now() - 3600 }));
+    // Valid only an hour from now (nbf), or never expiring (no exp, which
+    // auth.jwt_require_exp refuses by default).
+    let future = jwt::token_with_claims(
+        &secret,
+        json!({ "sub": "alice", "nbf": jwt::now() + 3600, "exp": jwt::now() + 7200 }),
+    );
+    let eternal = jwt::token_with_claims(&secret, json!({ "sub": "alice" }));
     for (what, headers) in [
         ("forged", vec![("Authorization", bearer(&forged))]),
         ("expired", vec![("Authorization", bearer(&expired))]),
+        ("not yet valid", vec![("Authorization", bearer(&future))]),
+        ("without exp", vec![("Authorization", bearer(&eternal))]),
         ("missing", vec![]),
     ] {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -406,6 +415,49 @@ async fn jwt_on_connect_names_the_user_and_app_messages_carry_it() -> Result<()>
     );
     alice.disconnect().await?;
     amqp.close().await;
+    Ok(())
+}
+
+/// `auth.jwt_leeway_secs` and `auth.jwt_require_exp` change what is
+/// accepted: with no leeway a token expired 5 s ago is refused (the default
+/// 60 s would take it), and without the exp requirement a token that never
+/// expires is accepted while an expired one still is not.
+#[tokio::test]
+async fn jwt_leeway_and_exp_policy_are_settings() -> Result<()> {
+    let secret = jwt::secret();
+    let mut topo = Topology::new();
+    let (b, _app, _user) = builder("jwt_policy", &mut topo);
+    let gw = b
+        .set_str("auth", "mode", "jwt")
+        .set_str("auth", "jwt_secret", &secret)
+        .set("auth", "jwt_leeway_secs", "0")
+        .set("auth", "jwt_require_exp", "false")
+        .start()
+        .await;
+    let eternal = jwt::token_with_claims(&secret, json!({ "sub": "alice" }));
+    let (c, connected) = gw
+        .client_with(&[("Authorization", &bearer(&eternal))])
+        .await?;
+    assert_eq!(
+        connected.header("user-name"),
+        Some("alice"),
+        "{}",
+        show(&connected)
+    );
+    c.disconnect().await?;
+
+    let just_expired =
+        jwt::token_with_claims(&secret, json!({ "sub": "alice", "exp": jwt::now() - 5 }));
+    let err = gw
+        .connect_refused(&[("Authorization", &bearer(&just_expired))])
+        .await?;
+    assert!(
+        err.header("message")
+            .is_some_and(|m| m.contains("authentication failed"))
+            && body_text(&err).contains("expired"),
+        "{}",
+        show(&err)
+    );
     Ok(())
 }
 

@@ -462,6 +462,10 @@ pub struct AuthConfig {
     /// CONNECT header carrying `Bearer <jwt>` (or the bare token); the
     /// `passcode` header is the fallback.
     pub token_header: String,
+    /// Clock-skew tolerance for the `exp` and `nbf` claims (seconds).
+    pub jwt_leeway_secs: u64,
+    /// Refuse tokens without an `exp` claim.
+    pub jwt_require_exp: bool,
 }
 
 impl Default for AuthConfig {
@@ -475,6 +479,8 @@ impl Default for AuthConfig {
             jwt_audience: String::new(),
             user_claim: "sub".into(),
             token_header: "Authorization".into(),
+            jwt_leeway_secs: 60,
+            jwt_require_exp: true,
         }
     }
 }

@@ -639,6 +639,9 @@ impl ApiConfig {
     }
 }
 
+/// Largest `auth.jwt_leeway_secs`: more would make `exp` meaningless.
+const MAX_JWT_LEEWAY_SECS: u64 = 3600;
+
 impl AuthConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.user_claim.is_empty() {
@@ -651,6 +654,12 @@ impl AuthConfig {
                     "{:?} is not a STOMP header name (non-empty, without ':', CR, LF or NUL)",
                     self.token_header
                 ),
+            ));
+        }
+        if self.jwt_leeway_secs > MAX_JWT_LEEWAY_SECS {
+            return Err(ConfigError::invalid(
+                "auth.jwt_leeway_secs",
+                format!("must be at most {MAX_JWT_LEEWAY_SECS} (1 hour)"),
             ));
         }
         if self.mode != AuthMode::Jwt {
