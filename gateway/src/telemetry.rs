@@ -27,19 +27,22 @@ pub fn init(cfg: &LogConfig) -> bool {
     installed
 }
 
-/// Directive added to `log.filter` (not to `RUST_LOG`).
-const QUIET_LAPIN: &str = "lapin::returned_messages=error";
+/// Directives added to `log.filter` (not to `RUST_LOG`): lapin warns with
+/// the whole message body for every mandatory return, and logs every
+/// channel the broker closes as a raw `AMQPError` dump (a topology conflict,
+/// a refused publish); the gateway reports each of those itself, in one line.
+const QUIET_LAPIN: [&str; 2] = ["lapin::returned_messages=error", "lapin::channel=off"];
 
 /// The filter to use, and why `RUST_LOG` was ignored if it was.
 fn filter(cfg: &LogConfig, rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
     let from_config = || {
-        EnvFilter::builder()
-            .parse(&cfg.filter)
-            // Validated at startup; fall back rather than fail here.
-            .unwrap_or_else(|_| EnvFilter::new("info"))
-            // lapin warns with the whole message body for every mandatory
-            // return; the gateway reports those itself, in one line.
-            .add_directive(QUIET_LAPIN.parse().unwrap_or_default())
+        QUIET_LAPIN.iter().fold(
+            EnvFilter::builder()
+                .parse(&cfg.filter)
+                // Validated at startup; fall back rather than fail here.
+                .unwrap_or_else(|_| EnvFilter::new("info")),
+            |f, d| f.add_directive(d.parse().unwrap_or_default()),
+        )
     };
     match rust_log.map(str::trim) {
         Some(s) if !s.is_empty() => match EnvFilter::builder().parse(s) {
@@ -63,7 +66,7 @@ mod tests {
         let (f, err) = filter(&cfg, Some("debug"));
         assert_eq!(f.to_string(), "debug");
         assert!(err.is_none());
-        let from_config = format!("{QUIET_LAPIN},warn");
+        let from_config = format!("{},warn", QUIET_LAPIN.join(","));
         let (f, err) = filter(&cfg, None);
         assert_eq!(f.to_string(), from_config);
         assert!(err.is_none());

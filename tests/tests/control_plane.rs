@@ -205,6 +205,13 @@ async fn topology_is_declared_idempotently_and_a_conflict_stops_start_up() -> Re
         log.contains(&q) && log.contains("durable"),
         "the log names the queue {q} and the property (durable):\n{log}"
     );
+    // Said once, in one line: no raw lapin AMQPError dump, no repeats.
+    assert_eq!(
+        log.matches("inequivalent arg 'durable'").count(),
+        1,
+        "the conflict is logged once:\n{log}"
+    );
+    assert!(!log.contains("AMQPError"), "no raw lapin error:\n{log}");
     // Nothing was changed by the refused declaration.
     let qv = management_get(&format!("/api/queues/%2F/{q}")).await?;
     assert_eq!(qv["durable"].as_bool(), Some(true), "{qv}");

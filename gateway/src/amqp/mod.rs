@@ -260,7 +260,7 @@ impl ControlPlane {
                     Some((conn, node))
                 }
                 Err(DeclareFailure::Entity(e)) => {
-                    error!("AMQP topology declaration failed: {e}");
+                    // Start-up stops with this error; main logs it, once.
                     let _ = conn.close(200, "topology declaration failed".into()).await;
                     inner.pool.close();
                     return Err(e);
