@@ -1,6 +1,7 @@
 //! Loading: built-in defaults, then the TOML file, then `GATEWAY__SECTION__KEY`
 //! environment variables; unknown keys and wrong types are reported naming the key.
 
+use super::strict;
 use super::*;
 use std::collections::HashMap;
 use std::path::Path;
@@ -48,26 +49,31 @@ pub(crate) fn load_from(
 ) -> Result<Config, ConfigError> {
     let defaults = config::Config::try_from(&Config::default()).map_err(from_library)?;
     let mut builder = config::Config::builder().add_source(defaults);
+    let known = schema()?;
 
     if let Some(path) = path {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        // Parse once here so a syntax error names the file.
-        if let Err(e) = text.parse::<toml::Table>() {
-            return Err(ConfigError::File {
-                path: path.to_owned(),
-                reason: e.to_string().trim_end().to_owned(),
-            });
+        // Parse once here so a syntax error names the file, and check the
+        // types strictly before the library could coerce them.
+        match text.parse::<toml::Table>() {
+            Ok(table) => strict::check_file(&table, &known)?,
+            Err(e) => {
+                return Err(ConfigError::File {
+                    path: path.to_owned(),
+                    reason: e.to_string().trim_end().to_owned(),
+                })
+            }
         }
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
 
     // The environment. Values of string keys are taken verbatim (so a
     // passcode like `0123` stays a string), lists are comma-separated and
-    // set exactly, everything else (numbers, booleans, enums) is parsed.
-    let known = schema()?;
+    // set exactly, everything else (numbers, booleans, enums) is checked
+    // strictly, then parsed.
     let mut strings: config::Map<String, String> = config::Map::new();
     let mut typed: config::Map<String, String> = config::Map::new();
     let mut names: Vec<&String> = env.keys().filter(|n| is_gateway_var(n)).collect();
@@ -83,6 +89,7 @@ pub(crate) fn load_from(
                 ),
             ));
         }
+        strict::check_env(name, &key, value, &known)?;
         match lookup(&known, &key) {
             Some(serde_json::Value::String(_)) => {
                 strings.insert(name.clone(), value.to_owned());
@@ -152,56 +159,16 @@ fn schema() -> Result<serde_json::Value, ConfigError> {
         .map_err(|e| ConfigError::Other(format!("cannot describe the defaults: {e}")))
 }
 
-/// Keys whose values are one of a fixed set of words (list indices written
-/// as `[]`).
-const ENUM_KEYS: [(&str, &str); 6] = [
-    ("server.message_type", "auto, text, binary"),
-    ("log.format", "text, json"),
-    ("app.exchange_type", "topic, direct, fanout, headers"),
-    (
-        "topology.exchanges[].type",
-        "topic, direct, fanout, headers",
-    ),
-    ("auth.mode", "none, jwt"),
-    (
-        "auth.jwt_algorithm",
-        "HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384",
-    ),
-];
-
-/// `topology.exchanges[3].type` -> `topology.exchanges[].type`.
-fn without_indices(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    let mut in_index = false;
-    for c in key.chars() {
-        match c {
-            '[' => {
-                in_index = true;
-                out.push('[');
-            }
-            ']' => {
-                in_index = false;
-                out.push(']');
-            }
-            _ if in_index => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// Adds the allowed words to an error about an enum-valued key.
 fn with_enum_hint(e: ConfigError) -> ConfigError {
     match e {
-        ConfigError::Invalid { key, reason } => {
-            match ENUM_KEYS.iter().find(|(k, _)| *k == without_indices(&key)) {
-                Some((_, allowed)) => ConfigError::Invalid {
-                    reason: format!("{reason} (expected one of: {allowed})"),
-                    key,
-                },
-                None => ConfigError::Invalid { key, reason },
-            }
-        }
+        ConfigError::Invalid { key, reason } => match strict::enum_words(&key) {
+            Some(allowed) => ConfigError::Invalid {
+                reason: format!("{reason} (expected one of: {})", allowed.join(", ")),
+                key,
+            },
+            None => ConfigError::Invalid { key, reason },
+        },
         other => other,
     }
 }
@@ -296,6 +263,41 @@ fn dotted_key(key: String) -> String {
     out
 }
 
+/// The library's words for types, in the docs' words: what the strict
+/// check ([`strict`]) did not catch first must not leak Rust names either.
+fn plain_words(reason: &str) -> String {
+    let mut out = reason.to_owned();
+    // "enum AuthMode does not have variant constructor JWT"
+    if let Some(i) = out.find("enum ") {
+        if let Some(j) = out[i..].find(" does not have variant constructor ") {
+            let value = out[i + j + " does not have variant constructor ".len()..].to_owned();
+            out = format!("{}{value:?} is not an accepted value", &out[..i]);
+        }
+    }
+    // "expected struct Endpoint", "expected a sequence", "u64", ...
+    if let Some(i) = out.find("struct ") {
+        let end = out[i + 7..]
+            .find(|c: char| !c.is_alphanumeric() && c != '_')
+            .map_or(out.len(), |n| i + 7 + n);
+        out.replace_range(i..end, "a table");
+    }
+    for (rust, plain) in [
+        ("128-bit unsigned integer", "integer"),
+        ("64-bit unsigned integer", "integer"),
+        ("128-bit integer", "integer"),
+        ("64-bit integer", "integer"),
+        ("floating point", "number"),
+        ("a sequence", "a list"),
+        ("got sequence", "got a list"),
+        ("a map", "a table"),
+        ("got map", "got a table"),
+        ("unit value", "nothing"),
+    ] {
+        out = out.replace(rust, plain);
+    }
+    out
+}
+
 /// Maps the configuration library's errors to ours, keeping the key.
 fn from_library(e: config::ConfigError) -> ConfigError {
     let e = match e {
@@ -324,7 +326,7 @@ fn from_library(e: config::ConfigError) -> ConfigError {
             expected,
             key,
         } => {
-            let mut reason = format!("invalid type: {unexpected}, expected {expected}");
+            let mut reason = plain_words(&format!("expected {expected}, got {unexpected}"));
             if let Some(origin) = origin {
                 reason.push_str(&format!(" (from {origin})"));
             }
@@ -334,7 +336,7 @@ fn from_library(e: config::ConfigError) -> ConfigError {
             }
         }
         config::ConfigError::At { error, origin, key } => {
-            let mut reason = error.to_string();
+            let mut reason = plain_words(&error.to_string());
             if let Some(origin) = origin {
                 reason.push_str(&format!(" (from {origin})"));
             }
@@ -344,6 +346,31 @@ fn from_library(e: config::ConfigError) -> ConfigError {
             }
         }
         config::ConfigError::NotFound(key) => ConfigError::invalid(key, "missing"),
-        other => ConfigError::Other(other.to_string()),
+        other => ConfigError::Other(plain_words(&other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod plain_words_tests {
+    use super::plain_words;
+
+    #[test]
+    fn library_messages_lose_their_rust_names() {
+        assert_eq!(
+            plain_words("enum AuthMode does not have variant constructor JWT"),
+            "\"JWT\" is not an accepted value"
+        );
+        assert_eq!(
+            plain_words("expected struct Endpoint, got string \"/ws\""),
+            "expected a table, got string \"/ws\""
+        );
+        assert_eq!(
+            plain_words("expected an unsigned integer, got 64-bit integer `-5`"),
+            "expected an unsigned integer, got integer `-5`"
+        );
+        assert_eq!(
+            plain_words("expected a string, got map"),
+            "expected a string, got a table"
+        );
     }
 }

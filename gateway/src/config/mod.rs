@@ -9,12 +9,14 @@
 //!
 //! - [`types`]: the configuration's shape, one struct per section, with defaults.
 //! - [`load`]: defaults, then the TOML file, then the environment.
+//! - [`strict`]: value types checked before the sources are merged.
 //! - [`validate`]: the value rules, each error naming its key.
 //!
 //! [`crate::settings`] turns a validated configuration into the typed
 //! runtime settings (TLS client configs, JWT keys) the rest of the gateway takes.
 
 mod load;
+mod strict;
 #[cfg(test)]
 mod tests;
 mod types;
