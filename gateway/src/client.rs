@@ -21,7 +21,7 @@ use crate::config::MessageType;
 use crate::state::Shared;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
-use futures_util::{FutureExt, SinkExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream};
 use relay_core::codec::{encode_to_bytes, HEARTBEAT};
 use relay_core::session::{Action, AppPublish, CloseReason, Session};
 use relay_core::{Decoder, Frame, Item, Version};
@@ -31,12 +31,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::{debug, info};
 
 /// Broker frames handled per wake-up before other work gets a turn.
@@ -104,17 +103,32 @@ type ConnectFuture =
     Pin<Box<dyn Future<Output = Result<(BrokerStream, String), BrokerError>> + Send>>;
 type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<(), PublishError>)> + Send>>;
 
+/// The client side of a session: messages in, messages out, and a close
+/// with code and reason (`Message::Close`). A WebSocket is one; a SockJS
+/// session ([`crate::sockjs::Conn`]) is another.
+pub trait ClientTransport:
+    Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Send + Unpin + 'static
+{
+}
+
+impl<T> ClientTransport for T where
+    T: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// Runs one client session until both legs are closed.
-pub async fn run<S>(
-    ws: WebSocketStream<S>,
+pub async fn run<T: ClientTransport>(
+    ws: T,
     shared: Arc<Shared>,
     id: String,
     peer: SocketAddr,
     subprotocol: Option<Version>,
     permit: OwnedSemaphorePermit,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let _permit = permit;
     let started = Instant::now();
     shared.health.session_opened();
@@ -299,10 +313,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn on_client_message(
-        &mut self,
-        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-    ) {
+    fn on_client_message(&mut self, msg: Option<Result<Message, WsError>>) {
         let now = Instant::now();
         match msg {
             Some(Ok(Message::Text(t))) => self.feed(now, t.as_bytes()),
@@ -594,14 +605,12 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Writes queued messages to the WebSocket, flushing once per batch.
-async fn write_client<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
+/// Writes queued messages to the client, flushing once per batch.
+async fn write_client<T: ClientTransport>(
+    mut sink: SplitSink<T, Message>,
     mut rx: mpsc::UnboundedReceiver<ClientOut>,
     queue: Arc<Queue>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = 0usize;
         let mut next = Some(first);
