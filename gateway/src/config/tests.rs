@@ -77,10 +77,12 @@ format = "json"
         c.server.endpoints,
         vec![
             Endpoint {
-                path: "/stomp".into()
+                path: "/stomp".into(),
+                sockjs: false,
             },
             Endpoint {
-                path: "/ws2".into()
+                path: "/ws2".into(),
+                sockjs: false,
             }
         ]
     );
@@ -119,8 +121,14 @@ format = "json"
     assert_eq!(
         c.server.endpoints,
         vec![
-            Endpoint { path: "/a".into() },
-            Endpoint { path: "/b".into() }
+            Endpoint {
+                path: "/a".into(),
+                sockjs: false
+            },
+            Endpoint {
+                path: "/b".into(),
+                sockjs: false
+            }
         ]
     );
     assert_eq!(c.server.allowed_origins, vec!["https://x.example"]);
@@ -239,7 +247,10 @@ fn validation_rules_name_the_key() {
         (
             "server.endpoints[1].path",
             Box::new(|c| {
-                c.server.endpoints.push(Endpoint { path: "/ws".into() });
+                c.server.endpoints.push(Endpoint {
+                    path: "/ws".into(),
+                    sockjs: false,
+                });
             }),
         ),
         (

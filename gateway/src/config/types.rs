@@ -18,6 +18,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub topology: TopologyConfig,
+    pub sockjs: SockJsConfig,
+    pub demo: DemoConfig,
 }
 
 /// How outbound frames are put into WebSocket messages.
@@ -35,11 +37,74 @@ pub enum MessageType {
 }
 
 /// One WebSocket endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     /// Request path, for example `/ws`.
     pub path: String,
+    /// Serve SockJS under this path (Spring's `.withSockJS()`) instead of a
+    /// plain WebSocket at it.
+    #[serde(default)]
+    pub sockjs: bool,
+}
+
+/// `[sockjs]`: the SockJS endpoints' settings (Spring's names and defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SockJsConfig {
+    /// Heart-beat frame after this long without other frames (ms).
+    pub heartbeat_time_ms: u64,
+    /// A session with no receiving request for this long is closed (ms).
+    pub disconnect_delay_ms: u64,
+    /// Bytes of frames after which a streaming response ends (the client
+    /// opens a new one).
+    pub stream_bytes_limit: usize,
+    /// Set a `JSESSIONID` cookie on the HTTP transports.
+    pub session_cookie_needed: bool,
+    /// Offer the websocket transport.
+    pub websocket_enabled: bool,
+    /// The sockjs-client script `iframe.html` loads.
+    pub client_library_url: String,
+    /// Mount the SockJS protocol's test services (`/echo`, `/close`,
+    /// `/disabled_websocket_echo`, `/cookie_needed_echo`).
+    pub test_services: bool,
+}
+
+impl Default for SockJsConfig {
+    fn default() -> Self {
+        SockJsConfig {
+            heartbeat_time_ms: 25_000,
+            disconnect_delay_ms: 5_000,
+            stream_bytes_limit: 128 * 1024,
+            session_cookie_needed: false,
+            websocket_enabled: true,
+            client_library_url: "/assets/sockjs.min.js".into(),
+            test_services: false,
+        }
+    }
+}
+
+/// `[demo]`: the demo chat page at `/` on the client listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Serve the demo page at `/` (and its scripts under `/assets/`).
+    pub enabled: bool,
+    /// The destination a room is, `{room}` standing for its name.
+    pub room_destination: String,
+    /// Where the page SENDs messages (an application destination such as
+    /// `/app/chat.sendMessage`); empty: straight to the room.
+    pub send_destination: String,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            enabled: true,
+            room_destination: "/topic/chat.{room}".into(),
+            send_destination: String::new(),
+        }
+    }
 }
 
 /// `[server]`: the client-facing listener and the admin listener.
@@ -75,7 +140,10 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "0.0.0.0:8080".into(),
             admin_listen: "0.0.0.0:9090".into(),
-            endpoints: vec![Endpoint { path: "/ws".into() }],
+            endpoints: vec![Endpoint {
+                path: "/ws".into(),
+                sockjs: false,
+            }],
             allowed_origins: vec!["*".into()],
             max_connections: 10_000,
             message_type: MessageType::Auto,

@@ -18,6 +18,8 @@ impl Config {
         self.api.validate()?;
         self.auth.validate()?;
         self.validate_topology()?;
+        self.sockjs.validate()?;
+        self.demo.validate()?;
         self.log.validate()
     }
 
@@ -447,6 +449,15 @@ impl ServerConfig {
                     format!("{:?} must start with '/'", ep.path),
                 ));
             }
+            if ep.sockjs && (ep.path.ends_with('/') || ep.path == "/assets") {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "{:?}: a SockJS endpoint path must not end with '/' nor be /assets",
+                        ep.path
+                    ),
+                ));
+            }
             if !seen.insert(ep.path.as_str()) {
                 return Err(ConfigError::invalid(
                     key,
@@ -491,6 +502,42 @@ impl ServerConfig {
                     "{} is smaller than session.max_frame_size ({})",
                     self.max_ws_message_size, session.max_frame_size
                 ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SockJsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("sockjs.heartbeat_time_ms", self.heartbeat_time_ms)?;
+        positive("sockjs.disconnect_delay_ms", self.disconnect_delay_ms)?;
+        positive("sockjs.stream_bytes_limit", self.stream_bytes_limit as u64)?;
+        if self.client_library_url.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "sockjs.client_library_url",
+                "must not be empty",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DemoConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.room_destination.starts_with('/') || !self.room_destination.contains("{room}") {
+            return Err(ConfigError::invalid(
+                "demo.room_destination",
+                format!(
+                    "{:?} must start with '/' and contain {{room}}",
+                    self.room_destination
+                ),
+            ));
+        }
+        if !self.send_destination.is_empty() && !self.send_destination.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "demo.send_destination",
+                format!("{:?} must start with '/'", self.send_destination),
             ));
         }
         Ok(())
