@@ -6,6 +6,8 @@
 //! - [`system`]: the shared system link (heart-beats, reconnect with backoff).
 //! - [`admin`]: `/healthz` and `/readyz` on the admin listener.
 //! - [`config`]: defaults, TOML file, `GATEWAY__...` environment overrides.
+//! - [`sockjs`]: the SockJS server, generic over a session handler.
+//! - [`endpoints`]: SockJS endpoints running STOMP, the demo page ([`demo`]).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -15,7 +17,9 @@ pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod embedded;
+pub mod endpoints;
 pub mod fanout;
 pub mod health;
 pub mod metrics;

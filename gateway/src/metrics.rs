@@ -55,6 +55,11 @@ pub enum Rejection {
 }
 
 impl Metrics {
+    /// The registry, for series other modules own (SockJS counters).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Creates and registers every series with the constant label `pod`.
     pub fn new(pod: &str) -> Result<Metrics, prometheus::Error> {
         let labels: HashMap<String, String> = [("pod".to_owned(), pod.to_owned())].into();

@@ -9,7 +9,7 @@ use crate::metrics::{Metrics, Rejection};
 use crate::settings::Settings;
 use crate::state::Shared;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
@@ -61,11 +61,13 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         metrics.clone(),
         shutdown.clone(),
     ));
+    let routes = Arc::new(crate::endpoints::Routes::new(&shared)?);
     info!(
         %pod,
         listen = %local(&listener),
         admin = %local(&admin),
-        endpoints = ?config.server.endpoints.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+        endpoints = ?config.server.endpoints.iter().filter(|e| !e.sockjs).map(|e| e.path.as_str()).collect::<Vec<_>>(),
+        sockjs = ?routes.sockjs_paths(),
         brokers = ?config.broker.addresses,
         "stomp-gateway listening"
     );
@@ -101,7 +103,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
-                    tokio::spawn(serve_connection(stream, peer, shared));
+                    tokio::spawn(serve_connection(stream, peer, shared, routes.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -154,11 +156,21 @@ fn local(l: &TcpListener) -> String {
     l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    routes: Arc<crate::endpoints::Routes>,
+) {
     let io = TokioIo::new(stream);
     let svc = service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, shared)) }
+        let (shared, routes) = (shared.clone(), routes.clone());
+        async move {
+            Ok::<_, Infallible>(match routes.serve(req, peer).await {
+                Ok(r) => r,
+                Err(req) => handle(req, peer, shared).map(BodyExt::boxed),
+            })
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(io, svc)
@@ -200,7 +212,7 @@ fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> 
         .server
         .endpoints
         .iter()
-        .any(|e| e.path == path);
+        .any(|e| !e.sockjs && e.path == path);
     if !is_endpoint {
         return if path == "/" {
             let paths: Vec<&str> = shared
@@ -254,12 +266,8 @@ fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> 
         return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
     if let Some(origin) = req.headers().get(header::ORIGIN) {
-        let allowed = &shared.config.server.allowed_origins;
         let origin = origin.to_str().unwrap_or("");
-        if !allowed
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
-        {
+        if !shared.origin_allowed(origin) {
             info!(%peer, origin, "rejected WebSocket upgrade: origin not allowed");
             shared.metrics.rejected(Rejection::Origin);
             return text(StatusCode::FORBIDDEN, "origin not allowed\n");
@@ -269,7 +277,7 @@ fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> 
         shared.metrics.rejected(Rejection::ShuttingDown);
         return text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
     }
-    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+    let Some(permit) = shared.try_admit() else {
         warn!(%peer, limit = shared.config.server.max_connections, "rejected WebSocket upgrade: connection limit reached");
         shared.metrics.rejected(Rejection::ConnectionLimit);
         return text(

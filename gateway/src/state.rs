@@ -129,6 +129,22 @@ impl Shared {
         }
     }
 
+    /// Whether a browser page from `origin` may connect
+    /// (`server.allowed_origins`).
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.config
+            .server
+            .allowed_origins
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    }
+
+    /// A connection slot (`server.max_connections`), held for the life of
+    /// a session; `None` at the limit.
+    pub fn try_admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
     /// A new session id: a random per-process prefix and a counter.
     pub fn next_session_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
