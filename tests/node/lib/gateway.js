@@ -1,0 +1,125 @@
+// Starts the real stomp-gateway binary with a generated config for the SockJS
+// and browser tests (tests/node/test/sockjs.test.js, tests/browser/).
+// The binary is $STOMP_GATEWAY_BIN, else <target>/debug/stomp-gateway.
+'use strict';
+
+const { spawn } = require('node:child_process');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const net = require('node:net');
+const path = require('node:path');
+
+const WORKSPACE = path.resolve(__dirname, '..', '..', '..');
+const TARGET = process.env.CARGO_TARGET_DIR
+  ? path.resolve(WORKSPACE, process.env.CARGO_TARGET_DIR)
+  : path.join(WORKSPACE, 'target');
+
+function gatewayBinary() {
+  const bin = process.env.STOMP_GATEWAY_BIN || path.join(TARGET, 'debug', 'stomp-gateway');
+  if (!fs.existsSync(bin)) {
+    throw new Error(`stomp-gateway binary not found at ${bin}: run \`cargo build -p stomp-gateway\` first`);
+  }
+  return bin;
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+// TOML for `{section: {key: value}}`; values are TOML text.
+function toml(sections) {
+  const out = [];
+  for (const [section, keys] of Object.entries(sections)) {
+    out.push(`[${section}]`);
+    for (const [k, v] of Object.entries(keys)) out.push(`${k} = ${v}`);
+    out.push('');
+  }
+  return out.join('\n');
+}
+
+// Starts a gateway: `sections` adds to / overrides the defaults (TOML text
+// values). Resolves to { url, port, adminUrl, logPath, stop() }.
+async function startGateway(name, sections = {}) {
+  const suffix = crypto.randomBytes(6).toString('hex');
+  const [port, adminPort] = [await freePort(), await freePort()];
+  const logDir = path.join(TARGET, 'e2e-logs');
+  fs.mkdirSync(logDir, { recursive: true });
+  const configPath = path.join(logDir, `${name}-${suffix}.toml`);
+  const logPath = path.join(logDir, `${name}-${suffix}.log`);
+  const own = [`e2e.node.app.${suffix}`, `e2e.node.user.${suffix}`];
+  const base = {
+    server: {
+      listen: `"127.0.0.1:${port}"`,
+      admin_listen: `"127.0.0.1:${adminPort}"`,
+      endpoints: '[ { path = "/ws" }, { path = "/sockjs", sockjs = true } ]',
+    },
+    broker: { addresses: '["127.0.0.1:61613"]' },
+    app: { exchange: `"${own[0]}"` },
+    user: { exchange: `"${own[1]}"` },
+    log: { filter: '"info,stomp_gateway=debug"' },
+  };
+  const ownsExchanges = !(sections.app && sections.app.exchange);
+  for (const [s, keys] of Object.entries(sections)) base[s] = { ...(base[s] || {}), ...keys };
+  fs.writeFileSync(configPath, toml(base));
+  const log = fs.openSync(logPath, 'w');
+  const child = spawn(gatewayBinary(), ['--config', configPath], { stdio: ['ignore', log, log] });
+  fs.closeSync(log);
+  const adminUrl = `http://127.0.0.1:${adminPort}`;
+  const deadline = Date.now() + 20000;
+  let last = 'no answer';
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`stomp-gateway exited early (log ${logPath})`);
+    try {
+      const res = await fetch(`${adminUrl}/readyz`);
+      if (res.status === 200) break;
+      last = `HTTP ${res.status}`;
+    } catch (e) {
+      last = String(e.cause || e);
+    }
+    if (Date.now() > deadline) throw new Error(`gateway not ready (last /readyz: ${last}; log ${logPath})`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return {
+    url: `http://127.0.0.1:${port}`,
+    port,
+    adminUrl,
+    logPath,
+    async metrics() {
+      return (await fetch(`${adminUrl}/metrics`)).text();
+    },
+    async stop() {
+      if (child.exitCode === null) {
+        const exited = new Promise((r) => child.once('exit', r));
+        child.kill('SIGKILL');
+        await exited;
+      }
+      if (ownsExchanges) {
+        const auth = 'Basic ' + Buffer.from('guest:guest').toString('base64');
+        for (const x of own) {
+          await fetch(`http://127.0.0.1:15672/api/exchanges/%2f/${encodeURIComponent(x)}`, {
+            method: 'DELETE',
+            headers: { authorization: auth },
+          }).catch(() => {});
+        }
+      }
+    },
+  };
+}
+
+module.exports = { startGateway, withTimeout, freePort, TARGET, WORKSPACE };
