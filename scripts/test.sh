@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, codec and end-to-end tests (real stomp-gateway
-# binary against the local RabbitMQ), then the Node @stomp/stompjs
-# compatibility test, then the cluster tests (several gateways, drain,
+# binary against the local RabbitMQ), then the Node @stomp/stompjs and
+# sockjs-client compatibility tests, the demo page in headless Chromium, then the cluster tests (several gateways, drain,
 # broker restart, failover) with a throwaway two-node RabbitMQ cluster next
 # to the main node (scripts/rabbitmq-test-cluster.sh; stopped again on exit).
 set -euo pipefail
@@ -23,6 +23,19 @@ npm ci --prefix examples/node-client --no-audit --no-fund
 npm test --prefix tests/node
 
 scripts/validate-deploy.sh   # Helm, kustomize, compose, HAProxy, Prometheus, dashboard (offline)
+
+# The demo page in headless Chromium (tests/browser/): Debian's chromium,
+# installed here when missing so a fresh machine works.
+if [[ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]]; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: chromium is missing; install it: apt-get install -y chromium" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq chromium >/dev/null \
+    || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+fi
+npm run test:browser --prefix tests/node
 
 # Cluster phase. The tests in tests/tests/cluster.rs are #[ignore]d in the
 # run above: they are slow, must run one at a time, and the disruptive ones
