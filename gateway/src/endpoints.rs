@@ -7,8 +7,8 @@
 //! as to WebSocket upgrades: one permit per session, for its whole life.
 
 use crate::metrics::Rejection;
-use crate::state::Shared;
 use crate::sockjs::{self, Body, Counters, Handler, OpenInfo, Refused, Service};
+use crate::state::Shared;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::Full;
