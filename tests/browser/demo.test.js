@@ -16,7 +16,7 @@ const path = require('node:path');
 
 const nodeDir = path.join(__dirname, '..', 'node');
 const { chromium } = require(require.resolve('playwright-core', { paths: [nodeDir] }));
-const { startGateway, TARGET } = require(path.join(nodeDir, 'lib', 'gateway'));
+const { startGateway, TARGET } = require(path.join(nodeDir, 'gateway-process'));
 
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const ARTIFACTS = path.join(TARGET, 'artifacts');

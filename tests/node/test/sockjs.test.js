@@ -8,7 +8,7 @@ const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const SockJS = require('sockjs-client');
 const { Client } = require('@stomp/stompjs');
-const { startGateway, withTimeout } = require('../lib/gateway');
+const { startGateway, withTimeout } = require('../gateway-process');
 
 const TRANSPORTS = ['websocket', 'xhr-streaming', 'xhr-polling', 'eventsource'];
 let gw;

@@ -6,13 +6,8 @@
 const { spawn } = require('node:child_process');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
-const net = require('node:net');
 const path = require('node:path');
-
-const WORKSPACE = path.resolve(__dirname, '..', '..', '..');
-const TARGET = process.env.CARGO_TARGET_DIR
-  ? path.resolve(WORKSPACE, process.env.CARGO_TARGET_DIR)
-  : path.join(WORKSPACE, 'target');
+const { TARGET, WORKSPACE, freePort } = require('./lib');
 
 function gatewayBinary() {
   const bin = process.env.STOMP_GATEWAY_BIN || path.join(TARGET, 'debug', 'stomp-gateway');
@@ -20,18 +15,6 @@ function gatewayBinary() {
     throw new Error(`stomp-gateway binary not found at ${bin}: run \`cargo build -p stomp-gateway\` first`);
   }
   return bin;
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 function withTimeout(promise, ms, what) {
