@@ -352,34 +352,30 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
         && constant_time_eq(given.trim().as_bytes(), token.as_bytes())
 }
 
-/// Compares without stopping at the first difference (the time depends on
-/// the lengths only).
+/// Compares without stopping at the first difference (`subtle`; the time
+/// depends on the lengths only).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }
 
-/// Decodes `%XX` escapes; `None` for a broken escape or invalid UTF-8.
+/// Decodes `%XX` escapes (`percent-encoding`); `None` for a broken escape
+/// (which the crate would pass through) or invalid UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 fn too_large(max_body: usize) -> Resp {

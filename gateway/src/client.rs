@@ -18,7 +18,7 @@ use crate::broker::{
     self, BrokerError, BrokerReadHalf, BrokerStream, BrokerWriteHalf, FrameReader,
 };
 use crate::config::MessageType;
-use crate::state::Shared;
+use crate::state::{SessionSlot, Shared};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
 use futures_util::{FutureExt, Sink, SinkExt, Stream};
@@ -129,10 +129,9 @@ pub async fn run<T: ClientTransport>(
     subprotocol: Option<Version>,
     permit: OwnedSemaphorePermit,
 ) {
-    let _permit = permit;
-    let started = Instant::now();
-    shared.health.session_opened();
+    let slot = SessionSlot::open(shared.health.clone(), permit);
     shared.metrics.sessions_opened.inc();
+    let started = Instant::now();
     info!(pod = %shared.pod, session = %id, %peer, subprotocol = subprotocol.map(|v| v.subprotocol()), "session opened");
 
     let wake = Arc::new(Notify::new());
@@ -278,7 +277,7 @@ pub async fn run<T: ClientTransport>(
     for w in writers {
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, w).await;
     }
-    shared.health.session_closed();
+    drop(slot);
     let reason = session
         .close_reason()
         .cloned()

@@ -49,7 +49,8 @@ impl Handler for StompHandler {
         };
         let id = shared.next_session_id();
         info!(session = %id, peer = %info.peer, transport = info.transport.name(), "SockJS session");
-        tokio::spawn(crate::client::run(
+        // Tracked with the WebSocket sessions: the drain waits for it.
+        shared.sessions.spawn(crate::client::run(
             conn,
             shared.clone(),
             id,

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod amqp;
 pub mod api;
 pub mod auth;
+pub mod backoff;
 pub mod broker;
 pub mod client;
 pub mod config;

@@ -53,7 +53,10 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     let listener = bind(&config.server.listen, "client listener").await?;
     let admin = bind(&config.server.admin_listen, "admin listener").await?;
     // Declares the topology first: a conflict stops start-up here.
-    let control = ControlPlane::start(&settings, health.clone(), shutdown.clone()).await?;
+    // The control plane closes after the sessions drained (they may still
+    // publish and wait for confirms), not on the shutdown signal itself.
+    let (control_stop, control_stopped) = watch::channel(false);
+    let control = ControlPlane::start(&settings, health.clone(), control_stopped).await?;
     let shared = Arc::new(Shared::new(
         &settings,
         health.clone(),
@@ -128,11 +131,11 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         + period
         + shared.session.broker_timeout
         + Duration::from_secs(1);
-    while health.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    shared.sessions.close();
+    let _ = tokio::time::timeout_at(deadline, shared.sessions.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), system).await;
     // Waits for in-flight confirms, then closes the AMQP connections.
+    let _ = control_stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), shared.control.closed()).await;
     info!(
         remaining_sessions = health.active_sessions(),
@@ -296,7 +299,8 @@ fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> 
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let id = shared.next_session_id();
-    tokio::spawn(async move {
+    let sessions = shared.sessions.clone();
+    sessions.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(

@@ -16,8 +16,9 @@ use relay_core::Limits;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::task::TaskTracker;
 
 /// Everything a connection task needs, shared by all of them.
 #[derive(Debug)]
@@ -43,6 +44,8 @@ pub struct Shared {
     pub broker_tls: Option<Arc<crate::tls::BrokerTls>>,
     /// One permit per client connection (`server.max_connections`).
     pub permits: Arc<Semaphore>,
+    /// Every session task; the drain waits on it (no polling of counters).
+    pub sessions: TaskTracker,
     id_prefix: u32,
     next_id: AtomicU64,
 }
@@ -126,6 +129,7 @@ impl Shared {
             shutdown,
             id_prefix: rand::random(),
             next_id: AtomicU64::new(1),
+            sessions: TaskTracker::new(),
         }
     }
 
@@ -149,5 +153,60 @@ impl Shared {
     pub fn next_session_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{:08x}-{n}", self.id_prefix)
+    }
+}
+
+/// A session's claim on the process-wide counters: its connection permit and
+/// its place in the active-session count (health, `/readyz`, metrics).
+/// Released on drop, so a session that ends any way, a panic included,
+/// never leaks its slot or leaves the drain waiting for it.
+#[derive(Debug)]
+pub struct SessionSlot {
+    health: Arc<Health>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl SessionSlot {
+    /// Counts the session as active for as long as the slot lives.
+    pub fn open(health: Arc<Health>, permit: OwnedSemaphorePermit) -> SessionSlot {
+        health.session_opened();
+        SessionSlot {
+            health,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.health.session_closed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_session_releases_its_slot_and_the_drain_ends() {
+        let health = Arc::new(Health::new());
+        let permits = Arc::new(Semaphore::new(1));
+        let sessions = TaskTracker::new();
+        let permit = permits.clone().try_acquire_owned().expect("a free permit");
+        let task = sessions.spawn({
+            let health = health.clone();
+            async move {
+                let _slot = SessionSlot::open(health, permit);
+                tokio::task::yield_now().await;
+                panic!("a session bug");
+            }
+        });
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        assert_eq!(health.active_sessions(), 0);
+        assert_eq!(permits.available_permits(), 1);
+        sessions.close();
+        tokio::time::timeout(Duration::from_secs(5), sessions.wait())
+            .await
+            .expect("the drain does not wait for the panicked session");
     }
 }

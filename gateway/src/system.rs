@@ -7,12 +7,12 @@
 //! says whether the link is up and why it last went down. With
 //! `[broker.tls] enabled`, the link is TLS like every client session's.
 
+use crate::backoff::Backoff;
 use crate::broker::{self, BrokerError, BrokerReadHalf, BrokerWriteHalf, FrameReader};
 use crate::config::Config;
 use crate::health::Health;
 use crate::tls::BrokerTls;
 use bytes::BytesMut;
-use rand::Rng;
 use relay_core::codec::HEARTBEAT;
 use relay_core::heartbeat::{self, HeartBeat, Negotiated};
 use relay_core::{encode, Command, Frame, Item, Limits, Version};
@@ -319,69 +319,12 @@ fn error_message(f: &Frame) -> String {
     }
 }
 
-/// Exponential backoff with full jitter: attempt `n` waits a random time in
-/// `[0, min(initial * 2^n, max)]` ms.
-#[derive(Debug)]
-struct Backoff {
-    initial_ms: u64,
-    max_ms: u64,
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new(initial_ms: u64, max_ms: u64) -> Backoff {
-        Backoff {
-            initial_ms,
-            max_ms,
-            attempt: 0,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    /// The cap for the current attempt, in ms.
-    fn cap_ms(&self) -> u64 {
-        self.initial_ms
-            .saturating_mul(2u64.saturating_pow(self.attempt))
-            .min(self.max_ms)
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let cap = self.cap_ms();
-        self.attempt = self.attempt.saturating_add(1);
-        Duration::from_millis(rand::rng().random_range(0..=cap))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(500, 30_000);
-        let caps: Vec<u64> = (0..10)
-            .map(|_| {
-                let cap = b.cap_ms();
-                let d = b.next_delay();
-                assert!(d <= Duration::from_millis(cap));
-                cap
-            })
-            .collect();
-        assert_eq!(
-            caps,
-            vec![500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000, 30_000]
-        );
-        b.attempt = u32::MAX;
-        assert_eq!(b.cap_ms(), 30_000);
-        b.reset();
-        assert_eq!(b.cap_ms(), 500);
-    }
 
     #[test]
     fn silence_limit_is_twice_the_interval_plus_margin() {

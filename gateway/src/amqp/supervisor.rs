@@ -3,6 +3,7 @@
 //! and the orderly shutdown (wait for confirms, close the connections).
 
 use super::*;
+use crate::backoff::Backoff;
 
 /// How often the reconnect loop repeats "still cannot connect".
 pub(super) const RECONNECT_LOG_INTERVAL: Duration = Duration::from_secs(30);
@@ -10,21 +11,17 @@ pub(super) const RECONNECT_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the control connection's state is polled (besides its events).
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
-/// On shutdown, the longest wait for sessions to close and in-flight
-/// publishes to be confirmed before the connections are closed.
+/// On shutdown, the longest wait for in-flight publishes to be confirmed
+/// before the connections are closed.
 pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(12);
 
 impl Inner {
     /// Closes everything once sessions are gone and confirms are in (or the
     /// grace period is over).
     pub(super) async fn shut_down(&self, conn: Option<Connection>) {
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-        let all = self.config.amqp.max_inflight_publishes.max(1);
-        while tokio::time::Instant::now() < deadline
-            && (self.health.active_sessions() > 0 || self.inflight.available_permits() < all)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Every in-flight permit back means every confirm has arrived.
+        let all = u32::try_from(self.config.amqp.max_inflight_publishes.max(1)).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.inflight.acquire_many(all)).await;
         self.up.store(false, Ordering::SeqCst);
         *self.reason() = "the gateway is shutting down".into();
         for slot in &self.slots {
@@ -56,6 +53,7 @@ pub(super) async fn supervise(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let amqp = &inner.config.amqp;
+    let mut backoff = Backoff::new(amqp.reconnect_initial_ms, amqp.reconnect_max_ms);
     let mut attempt: u32 = 0;
     // Without a connection, `start` has just logged the first failure.
     let mut failing_since = conn.is_none().then(Instant::now);
@@ -70,13 +68,14 @@ pub(super) async fn supervise(
                     inner.set_down(&format!("connection lost: {reason}"));
                     drop(c);
                     attempt = 0;
+                    backoff.reset();
                     failing_since = Some(Instant::now());
                     logged_failure = false;
                     last_log = Instant::now();
                 }
             }
         }
-        let delay = backoff(amqp.reconnect_initial_ms, amqp.reconnect_max_ms, attempt);
+        let delay = backoff.next_delay();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stopped(&mut shutdown) => return inner.shut_down(None).await,
@@ -108,6 +107,7 @@ pub(super) async fn supervise(
                     );
                 }
                 attempt = 0;
+                backoff.reset();
                 conn = Some((c, node));
             }
             Err(e) => {
@@ -160,13 +160,4 @@ pub(super) async fn watch_connection(
 /// Resolves once shutdown is requested (or its sender is gone).
 pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
-}
-
-/// Attempt `n` waits a random time up to `min(initial × 2ⁿ, max)`.
-pub(super) fn backoff(initial_ms: u64, max_ms: u64, attempt: u32) -> Duration {
-    let cap = initial_ms
-        .max(1)
-        .saturating_mul(1u64 << attempt.min(20))
-        .min(max_ms.max(1));
-    Duration::from_millis(rand::random_range(0..=cap))
 }
