@@ -1,14 +1,17 @@
 // The demo page in real headless Chromium (Debian's `chromium`, driven by
 // playwright-core): two pages, two users, one room, messages both ways, over
 // a plain WebSocket, SockJS xhr-streaming (forced) and SockJS xhr-polling
-// (forced), against the real gateway relaying to the local RabbitMQ.
-// Screenshots go to target/artifacts/.
+// (forced), against the real gateway relaying to the local RabbitMQ; then
+// the deploy/examples/chat.toml set-up: rooms on a chat exchange, messages
+// through /app/chat.sendMessage and the example backend, or straight to the
+// room while no backend runs. Screenshots go to target/artifacts/.
 //
 // Run: `npm run test:browser --prefix tests/node` (after
 // `cargo build -p stomp-gateway`). Chromium: $CHROMIUM, else /usr/bin/chromium.
 'use strict';
 
 const { test, before, after } = require('node:test');
+const { spawn } = require('node:child_process');
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
@@ -46,12 +49,12 @@ after(async () => {
   if (gw) await gw.stop();
 });
 
-async function join(context, name, room, transport) {
+async function join(context, name, room, transport, url = gw.url) {
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
   const q = new URLSearchParams({ name, room, transport, autojoin: '1' });
-  await page.goto(`${gw.url}/?${q}`);
+  await page.goto(`${url}/?${q}`);
   await page.waitForSelector('body[data-joined="yes"]', { timeout: WAIT });
   page.errors = errors;
   return page;
@@ -103,3 +106,71 @@ for (const { transport, shown } of CASES) {
     }
   });
 }
+
+const MANAGEMENT = 'http://127.0.0.1:15672/api';
+const AUTH = 'Basic ' + Buffer.from('guest:guest').toString('base64');
+
+test('demo chat as deploy/examples/chat.toml sets it up: through the backend, or straight to the room', async () => {
+  const sfx = crypto.randomBytes(4).toString('hex');
+  const chatExchange = `e2e.browser.chat.${sfx}`;
+  const appExchange = `e2e.browser.app.${sfx}`;
+  const backendQueue = `e2e.browser.backend.${sfx}`;
+  // chat.toml's topology with this run's names.
+  const topology = [
+    '[[topology.exchanges]]', `name = "${chatExchange}"`, 'type = "topic"', '',
+    '[[topology.queues]]', `name = "${backendQueue}"`, '',
+    '[[topology.bindings]]', `exchange = "${appExchange}"`, `queue = "${backendQueue}"`, 'routing_key = "chat.*"', '',
+  ].join('\n');
+  const chat = await startGateway('browser-demo-chat', {
+    app: { exchange: `"${appExchange}"` },
+    demo: {
+      room_destination: `"/exchange/${chatExchange}/room.{room}"`,
+      send_destination: '"/app/chat.sendMessage"',
+    },
+  }, topology);
+  let backend;
+  const [ca, cb] = [await browser.newContext(), await browser.newContext()];
+  try {
+    // No backend yet: the page waits for its message, then sends it to the room.
+    const room1 = `nobackend${sfx}`;
+    const alice = await join(ca, 'alice', room1, 'xhr-streaming', chat.url);
+    const bob = await join(cb, 'bob', room1, 'xhr-streaming', chat.url);
+    assert.equal(await alice.isChecked('#via-app'), true);
+    await say(alice, 'anyone there?');
+    await sees(bob, 'alice', 'anyone there?');
+    assert.match(await alice.textContent('#hint'), /did not answer/);
+    assert.equal(await alice.isChecked('#via-app'), false);
+
+    // The example backend runs: messages go through /app/chat.sendMessage.
+    const bin = path.join(TARGET, 'debug', 'chat-backend');
+    const lines = [];
+    backend = spawn(bin, ['--app-exchange', appExchange, '--queue', backendQueue, '--chat-exchange', chatExchange],
+      { env: { ...process.env, RUST_LOG: 'info,chat_backend=debug' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    for (const s of [backend.stdout, backend.stderr]) s.on('data', (d) => lines.push(...String(d).split('\n')));
+    const deadline = Date.now() + WAIT;
+    while (!lines.some((l) => l.includes('consuming'))) {
+      assert.ok(Date.now() < deadline && backend.exitCode === null, `chat-backend did not start: ${lines.join(' | ')}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const room2 = `backend${sfx}`;
+    const carol = await join(ca, 'carol', room2, 'websocket', chat.url);
+    const dave = await join(cb, 'dave', room2, 'xhr-polling', chat.url);
+    await say(carol, 'via the backend ✓');
+    await sees(dave, 'carol', 'via the backend ✓');
+    await say(dave, 'and back ✓');
+    await sees(carol, 'dave', 'and back ✓');
+    assert.equal(await carol.isChecked('#via-app'), true, 'no fallback needed');
+    assert.ok(lines.some((l) => l.includes(`room ${room2}`)), `the backend relayed: ${lines.join(' | ')}`);
+    await carol.screenshot({ path: path.join(ARTIFACTS, 'demo-chat-backend.png') });
+  } finally {
+    await ca.close();
+    await cb.close();
+    if (backend && backend.exitCode === null) backend.kill('SIGKILL');
+    await chat.stop();
+    for (const [kind, name] of [['queues', backendQueue], ['exchanges', chatExchange], ['exchanges', appExchange]]) {
+      await fetch(`${MANAGEMENT}/${kind}/%2f/${encodeURIComponent(name)}`, {
+        method: 'DELETE', headers: { authorization: AUTH },
+      }).catch(() => {});
+    }
+  }
+});

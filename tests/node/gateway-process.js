@@ -37,8 +37,9 @@ function toml(sections) {
 }
 
 // Starts a gateway: `sections` adds to / overrides the defaults (TOML text
-// values). Resolves to { url, port, adminUrl, logPath, stop() }.
-async function startGateway(name, sections = {}) {
+// values), `extra` is appended as is (`[[topology.exchanges]]` ...).
+// Resolves to { url, port, adminUrl, logPath, metrics(), stop() }.
+async function startGateway(name, sections = {}, extra = '') {
   const suffix = crypto.randomBytes(6).toString('hex');
   const [port, adminPort] = [await freePort(), await freePort()];
   const logDir = path.join(TARGET, 'e2e-logs');
@@ -59,7 +60,7 @@ async function startGateway(name, sections = {}) {
   };
   const ownsExchanges = !(sections.app && sections.app.exchange);
   for (const [s, keys] of Object.entries(sections)) base[s] = { ...(base[s] || {}), ...keys };
-  fs.writeFileSync(configPath, toml(base));
+  fs.writeFileSync(configPath, toml(base) + extra);
   const log = fs.openSync(logPath, 'w');
   const child = spawn(gatewayBinary(), ['--config', configPath], { stdio: ['ignore', log, log] });
   fs.closeSync(log);
@@ -105,4 +106,4 @@ async function startGateway(name, sections = {}) {
   };
 }
 
-module.exports = { startGateway, withTimeout, freePort, TARGET, WORKSPACE };
+module.exports = { startGateway, withTimeout, gatewayBinary, TARGET, WORKSPACE };

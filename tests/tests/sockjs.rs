@@ -1067,3 +1067,70 @@ async fn origin_check_and_connection_limit_apply_to_sockjs() -> Result<()> {
     assert!(metrics.contains("connections_rejected_total{"), "{metrics}");
     Ok(())
 }
+
+#[tokio::test]
+async fn heartbeat_frames_on_quiet_sessions() -> Result<()> {
+    let gw = builder("sockjs_heartbeat")
+        .set("sockjs", "heartbeat_time_ms", "200")
+        .start()
+        .await;
+    let a = addr(&gw);
+    // Streaming: `h` frames, each its own chunk, while nothing else is sent.
+    let url = format!("/echo/000/{}", sid());
+    let mut r =
+        Exchange::open(&a, "POST", &format!("{url}/xhr_streaming"), &[], b"", false).await?;
+    r.chunk().await?;
+    assert_eq!(r.chunk().await?.as_deref(), Some("o\n"));
+    assert_eq!(r.chunk().await?.as_deref(), Some("h\n"));
+    assert_eq!(r.chunk().await?.as_deref(), Some("h\n"));
+    drop(r);
+    // Polling: a poll with nothing to say ends with `h`.
+    let url = format!("/echo/000/{}", sid());
+    assert_eq!(post(&a, &format!("{url}/xhr"), "").await?.1, "o\n");
+    assert_eq!(post(&a, &format!("{url}/xhr"), "").await?.1, "h\n");
+    // WebSocket.
+    let mut w = ws(&format!("ws://{a}/echo/000/{}/websocket", sid())).await?;
+    assert_eq!(ws_recv(&mut w).await?, Some(Message::text("o")));
+    assert_eq!(ws_recv(&mut w).await?, Some(Message::text("h")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn demo_page_and_its_scripts_and_the_setting_that_turns_it_off() -> Result<()> {
+    let gw = start("sockjs_demo_page").await;
+    let a = addr(&gw);
+    let (h, b) = get(&a, "/").await?;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.get("content-type"), Some("text/html;charset=UTF-8"));
+    assert!(b.contains("stomp-gateway demo chat"));
+    assert!(
+        b.contains(r#""sockjs":"/stomp""#) && b.contains(r#""websocket":"/ws""#),
+        "the page knows the endpoints"
+    );
+    for script in ["/assets/sockjs.min.js", "/assets/stomp.umd.min.js"] {
+        assert!(b.contains(&format!("src=\"{script}\"")), "{script}");
+        let (h, js) = get(&a, script).await?;
+        assert_eq!(h.status, 200, "{script}");
+        assert_eq!(
+            h.get("content-type"),
+            Some("application/javascript;charset=UTF-8")
+        );
+        assert!(js.len() > 10_000);
+    }
+    // The iframe page loads the served sockjs-client.
+    let (_, iframe) = get(&a, "/stomp/iframe.html").await?;
+    assert!(iframe.contains("src=\"/assets/sockjs.min.js\""), "{iframe}");
+    drop(gw);
+
+    let gw = Gateway::builder("sockjs_demo_off")
+        .set("demo", "enabled", "false")
+        .start()
+        .await;
+    let a = addr(&gw);
+    let (h, b) = get(&a, "/").await?;
+    assert_eq!(h.status, 200);
+    assert!(!b.contains("demo chat"), "{b}");
+    assert!(b.starts_with("stomp-gateway"), "{b}");
+    assert_eq!(get(&a, "/assets/sockjs.min.js").await?.0.status, 404);
+    Ok(())
+}
