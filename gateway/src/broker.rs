@@ -1,4 +1,5 @@
-//! Connections to the RabbitMQ STOMP plugin, plain TCP or TLS.
+//! Connections to the RabbitMQ STOMP plugin, plain TCP or TLS, and the
+//! in-memory streams of brokers that live in this process.
 //!
 //! [`connect`] walks the configured address list in order and returns the
 //! first connection that answers (with [`BrokerTls`], the TLS handshake is
@@ -15,7 +16,7 @@ use std::pin::Pin;
 
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -38,10 +39,12 @@ pub enum BrokerError {
     Decode(#[from] DecodeError),
 }
 
-/// A connection to the broker: plain TCP or TLS.
+/// A connection to the broker: plain TCP, TLS, or an in-memory stream to a
+/// broker in this process (the embedded broker, tests).
 pub enum BrokerStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Memory(DuplexStream),
 }
 
 impl fmt::Debug for BrokerStream {
@@ -49,6 +52,7 @@ impl fmt::Debug for BrokerStream {
         match self {
             BrokerStream::Plain(s) => f.debug_tuple("Plain").field(s).finish(),
             BrokerStream::Tls(s) => f.debug_tuple("Tls").field(s.get_ref().0).finish(),
+            BrokerStream::Memory(_) => f.write_str("Memory"),
         }
     }
 }
@@ -76,6 +80,13 @@ impl BrokerStream {
                     BrokerWriteHalf(WriteInner::Tls(w)),
                 )
             }
+            BrokerStream::Memory(s) => {
+                let (r, w) = tokio::io::split(s);
+                (
+                    BrokerReadHalf(ReadInner::Memory(r)),
+                    BrokerWriteHalf(WriteInner::Memory(w)),
+                )
+            }
         }
     }
 }
@@ -88,6 +99,7 @@ pub struct BrokerReadHalf(ReadInner);
 enum ReadInner {
     Plain(OwnedReadHalf),
     Tls(ReadHalf<TlsBox>),
+    Memory(ReadHalf<DuplexStream>),
 }
 
 impl fmt::Debug for BrokerReadHalf {
@@ -95,6 +107,7 @@ impl fmt::Debug for BrokerReadHalf {
         match &self.0 {
             ReadInner::Plain(r) => f.debug_tuple("BrokerReadHalf::Plain").field(r).finish(),
             ReadInner::Tls(_) => f.write_str("BrokerReadHalf::Tls"),
+            ReadInner::Memory(_) => f.write_str("BrokerReadHalf::Memory"),
         }
     }
 }
@@ -109,6 +122,7 @@ pub struct BrokerWriteHalf(WriteInner);
 enum WriteInner {
     Plain(OwnedWriteHalf),
     Tls(WriteHalf<TlsBox>),
+    Memory(WriteHalf<DuplexStream>),
 }
 
 impl fmt::Debug for BrokerWriteHalf {
@@ -116,6 +130,7 @@ impl fmt::Debug for BrokerWriteHalf {
         match &self.0 {
             WriteInner::Plain(w) => f.debug_tuple("BrokerWriteHalf::Plain").field(w).finish(),
             WriteInner::Tls(_) => f.write_str("BrokerWriteHalf::Tls"),
+            WriteInner::Memory(_) => f.write_str("BrokerWriteHalf::Memory"),
         }
     }
 }
@@ -136,6 +151,7 @@ impl AsyncWrite for BrokerWriteHalf {
         match &mut self.get_mut().0 {
             WriteInner::Plain(w) => Pin::new(w).poll_write(cx, buf),
             WriteInner::Tls(w) => Pin::new(w).poll_write(cx, buf),
+            WriteInner::Memory(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
 
@@ -147,6 +163,7 @@ impl AsyncWrite for BrokerWriteHalf {
         match &mut self.get_mut().0 {
             WriteInner::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             WriteInner::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            WriteInner::Memory(w) => Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -154,6 +171,7 @@ impl AsyncWrite for BrokerWriteHalf {
         match &self.0 {
             WriteInner::Plain(w) => w.is_write_vectored(),
             WriteInner::Tls(w) => w.is_write_vectored(),
+            WriteInner::Memory(w) => w.is_write_vectored(),
         }
     }
 
@@ -161,6 +179,7 @@ impl AsyncWrite for BrokerWriteHalf {
         match &mut self.get_mut().0 {
             WriteInner::Plain(w) => Pin::new(w).poll_flush(cx),
             WriteInner::Tls(w) => Pin::new(w).poll_flush(cx),
+            WriteInner::Memory(w) => Pin::new(w).poll_flush(cx),
         }
     }
 
@@ -169,6 +188,7 @@ impl AsyncWrite for BrokerWriteHalf {
             WriteInner::Plain(w) => Pin::new(w).poll_shutdown(cx),
             // Sends close_notify, then shuts down the TCP write side.
             WriteInner::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            WriteInner::Memory(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
@@ -304,28 +324,37 @@ impl FrameReader<BrokerReadHalf> {
                     }
                 }
                 ReadInner::Tls(r) => {
-                    let decoder = &mut self.decoder;
-                    let n = std::future::poll_fn(|cx| {
-                        let mut chunk = [0u8; TLS_READ_CHUNK];
-                        let mut buf = ReadBuf::new(&mut chunk);
-                        match Pin::new(&mut *r).poll_read(cx, &mut buf) {
-                            Poll::Ready(Ok(())) => {
-                                let filled = buf.filled();
-                                decoder.extend(filled);
-                                Poll::Ready(Ok(filled.len()))
-                            }
-                            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                            Poll::Pending => Poll::Pending,
-                        }
-                    })
-                    .await?;
-                    if n == 0 {
+                    if poll_into(r, &mut self.decoder).await? == 0 {
+                        return Err(BrokerError::Closed);
+                    }
+                }
+                ReadInner::Memory(r) => {
+                    if poll_into(r, &mut self.decoder).await? == 0 {
                         return Err(BrokerError::Closed);
                     }
                 }
             }
         }
     }
+}
+
+/// One read from `r` straight into `decoder`, with a buffer that lives only
+/// during one poll (see [`FrameReader::next`]); the number of bytes read.
+async fn poll_into<R: AsyncRead + Unpin>(r: &mut R, decoder: &mut Decoder) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut chunk = [0u8; TLS_READ_CHUNK];
+        let mut buf = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let filled = buf.filled();
+                decoder.extend(filled);
+                Poll::Ready(Ok(filled.len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -1,9 +1,15 @@
 //! One task per client session: the I/O around [`relay_core::session::Session`].
 //!
 //! ```text
-//!  WebSocket read ──decode──▶ Session ──ToBroker──▶ broker writer task ──▶ TCP
-//!  TCP read ──FrameReader──▶ Session ──ToClient──▶ client writer task ──▶ WebSocket
+//!  client read ──decode──▶ Session ──to relay──▶ relay writer task ──▶ relay leg
+//!  relay leg ──FrameReader──▶ Session ──to client──▶ client writer task ──▶ client
+//!                            Session ──publish──▶ AMQP control plane (confirm back)
 //! ```
+//!
+//! The client is any [`ClientTransport`] (a WebSocket, a SockJS session).
+//! The relay leg is whatever [`crate::broker_side::BrokerSide`] hands out
+//! (RabbitMQ over TCP or TLS, the embedded broker over an in-memory stream):
+//! the driver only reads and writes STOMP on it.
 //!
 //! Backpressure: each writer task counts the bytes queued for it and not yet
 //! flushed. While the client's count is over `session.outbound_buffer_bytes`
@@ -14,9 +20,8 @@
 //! nothing grows without bound in either direction.
 
 use crate::amqp::{OutboundMessage, PublishError};
-use crate::broker::{
-    self, BrokerError, BrokerReadHalf, BrokerStream, BrokerWriteHalf, FrameReader,
-};
+use crate::broker::{BrokerError, BrokerReadHalf, BrokerStream, BrokerWriteHalf, FrameReader};
+use crate::broker_side::OpenLeg;
 use crate::config::MessageType;
 use crate::state::{SessionSlot, Shared};
 use bytes::{Bytes, BytesMut};
@@ -99,8 +104,6 @@ struct BrokerLeg {
     address: String,
 }
 
-type ConnectFuture =
-    Pin<Box<dyn Future<Output = Result<(BrokerStream, String), BrokerError>> + Send>>;
 type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<(), PublishError>)> + Send>>;
 
 /// The client side of a session: messages in, messages out, and a close
@@ -301,7 +304,7 @@ struct Driver {
     client_tx: mpsc::UnboundedSender<ClientOut>,
     client_queue: Arc<Queue>,
     broker: Option<BrokerLeg>,
-    connecting: Option<ConnectFuture>,
+    connecting: Option<OpenLeg>,
     connect_frame: Option<Frame>,
     closing_brokers: Vec<tokio::task::JoinHandle<()>>,
     broker_address: Option<String>,
@@ -432,13 +435,7 @@ impl Driver {
             match action {
                 Action::ConnectBroker(connect) => {
                     self.connect_frame = Some(connect);
-                    let addresses = self.shared.config.broker.addresses.clone();
-                    let timeout =
-                        Duration::from_millis(self.shared.config.broker.connect_timeout_ms);
-                    let tls = self.shared.broker_tls.clone();
-                    self.connecting = Some(Box::pin(async move {
-                        broker::connect(&addresses, timeout, tls.as_deref()).await
-                    }));
+                    self.connecting = Some(self.shared.broker_side.open());
                 }
                 Action::ToBroker(frame) => {
                     if self.broker.is_some() {
@@ -589,7 +586,7 @@ async fn next_broker_item(broker: &mut Option<BrokerLeg>) -> Result<Item, Broker
 }
 
 async fn poll_connect(
-    connecting: &mut Option<ConnectFuture>,
+    connecting: &mut Option<OpenLeg>,
 ) -> Result<(BrokerStream, String), BrokerError> {
     match connecting.as_mut() {
         Some(f) => f.await,
@@ -679,4 +676,255 @@ async fn write_broker(
         }
     }
     let _ = w.shutdown().await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The driver against the embedded broker behind the broker seam: no
+    //! RabbitMQ for the relay leg. (The AMQP control plane points at a port
+    //! where nothing listens: it starts down and is not used.)
+    use super::*;
+    use crate::broker_side::{BrokerSide, EmbeddedBrokerSide, TcpBrokerSide};
+    use crate::config::Config;
+    use crate::embedded::{EmbeddedBroker, OutboxLimits};
+    use crate::health::Health;
+    use crate::metrics::Metrics;
+    use crate::settings::Settings;
+    use relay_core::{Command, Limits};
+    use tokio::io::DuplexStream;
+    use tokio::sync::{watch, Semaphore};
+    use tokio::task::JoinHandle;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    struct Harness {
+        client: WebSocketStream<DuplexStream>,
+        decoder: Decoder,
+        session: JoinHandle<()>,
+        shared: Arc<Shared>,
+        permits: Arc<Semaphore>,
+        stop: watch::Sender<bool>,
+    }
+
+    fn embedded_broker() -> Arc<EmbeddedBroker> {
+        EmbeddedBroker::new(
+            OutboxLimits {
+                max_bytes: 1 << 20,
+                max_wait: Duration::from_secs(10),
+            },
+            Limits::default(),
+            prometheus::IntCounter::new("slow", "slow consumers").unwrap(),
+        )
+    }
+
+    fn embedded() -> Arc<dyn BrokerSide> {
+        Arc::new(EmbeddedBrokerSide(embedded_broker()))
+    }
+
+    /// One session of the driver with `broker_side` behind it, and a
+    /// WebSocket client connected to it.
+    async fn start(broker_side: Arc<dyn BrokerSide>) -> Harness {
+        let mut config = Config::default();
+        config.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+        config.amqp.connect_timeout_ms = 200;
+        config.server.drain_period_ms = 0;
+        let settings = Settings::build(Arc::new(config)).unwrap();
+        let health = Arc::new(Health::new());
+        let (stop, stopped) = watch::channel(false);
+        let (_control_stop, control_stopped) = watch::channel(false);
+        let control = crate::amqp::ControlPlane::start(&settings, health.clone(), control_stopped)
+            .await
+            .unwrap();
+        let metrics = Arc::new(Metrics::new("test").unwrap());
+        let mut shared = Shared::new(&settings, health, control, metrics, stopped);
+        shared.broker_side = broker_side;
+        let shared = Arc::new(shared);
+        let permits = Arc::new(Semaphore::new(1));
+        let permit = permits.clone().try_acquire_owned().unwrap();
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let server = WebSocketStream::from_raw_socket(ours, Role::Server, None).await;
+        let client = WebSocketStream::from_raw_socket(theirs, Role::Client, None).await;
+        let session = tokio::spawn(run(
+            server,
+            shared.clone(),
+            "t1".into(),
+            "127.0.0.1:9".parse().unwrap(),
+            Some(Version::V1_2),
+            permit,
+        ));
+        Harness {
+            client,
+            decoder: Decoder::new(Limits::default()),
+            session,
+            shared,
+            permits,
+            stop,
+        }
+    }
+
+    impl Harness {
+        async fn send(&mut self, frame: Frame) {
+            let bytes = encode_to_bytes(&frame, Version::V1_2);
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            self.client.send(Message::text(text)).await.unwrap();
+        }
+
+        /// The next frame from the gateway (heart-beats skipped), or the
+        /// close code when the connection closes instead.
+        async fn next(&mut self) -> Result<Frame, Option<u16>> {
+            loop {
+                if let Some(item) = self.decoder.decode().unwrap() {
+                    match item {
+                        Item::Frame(f) => return Ok(f),
+                        Item::Heartbeat => continue,
+                    }
+                }
+                let msg = tokio::time::timeout(WAIT, self.client.next())
+                    .await
+                    .expect("the gateway answers in time");
+                match msg {
+                    Some(Ok(Message::Text(t))) => self.decoder.extend(t.as_bytes()),
+                    Some(Ok(Message::Binary(b))) => self.decoder.extend(&b),
+                    Some(Ok(Message::Close(c))) => return Err(c.map(|c| u16::from(c.code))),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Err(None),
+                }
+            }
+        }
+
+        async fn frame(&mut self) -> Frame {
+            self.next().await.expect("a frame")
+        }
+
+        async fn connect(&mut self) -> Frame {
+            self.send(
+                Frame::new(Command::Connect)
+                    .with_header("accept-version", "1.2")
+                    .with_header("host", "/")
+                    .with_header("heart-beat", "0,0"),
+            )
+            .await;
+            self.frame().await
+        }
+
+        /// Waits for the session task, then checks that it gave back its
+        /// connection permit and its active-session count.
+        async fn ended(self) {
+            tokio::time::timeout(WAIT, self.session)
+                .await
+                .expect("the session ends")
+                .unwrap();
+            assert_eq!(self.permits.available_permits(), 1);
+            assert_eq!(self.shared.health.active_sessions(), 0);
+        }
+    }
+
+    fn subscribe(id: &str, dest: &str) -> Frame {
+        Frame::new(Command::Subscribe)
+            .with_header("id", id)
+            .with_header("destination", dest)
+    }
+
+    fn send_to(dest: &str, body: &str) -> Frame {
+        Frame::new(Command::Send)
+            .with_header("destination", dest)
+            .with_body(body.as_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn relays_through_an_in_memory_broker_with_receipts() {
+        let mut h = start(embedded()).await;
+        let connected = h.connect().await;
+        assert_eq!(connected.command, Command::Connected, "{connected:?}");
+        assert_eq!(connected.header("session"), Some("t1"));
+
+        h.send(subscribe("s1", "/topic/driver").with_header("receipt", "sub"))
+            .await;
+        let r = h.frame().await;
+        assert_eq!(r.header("receipt-id"), Some("sub"), "{r:?}");
+        h.send(send_to("/topic/driver", "hello").with_header("receipt", "sent"))
+            .await;
+        let mut got = vec![h.frame().await, h.frame().await];
+        got.sort_by_key(|f| f.command != Command::Message);
+        assert_eq!(got[0].command, Command::Message, "{got:?}");
+        assert_eq!(got[0].header("subscription"), Some("s1"));
+        assert_eq!(&got[0].body[..], b"hello");
+        assert_eq!(got[1].header("receipt-id"), Some("sent"), "{got:?}");
+
+        h.send(Frame::new(Command::Disconnect).with_header("receipt", "bye"))
+            .await;
+        let r = h.frame().await;
+        assert_eq!(r.command, Command::Receipt);
+        assert_eq!(r.header("receipt-id"), Some("bye"));
+        assert_eq!(h.next().await.err(), Some(Some(1000)));
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn a_broker_side_that_cannot_open_a_leg_gives_an_error() {
+        // Nothing listens on port 1: the TCP broker side fails at once.
+        let tcp = TcpBrokerSide::new(vec!["127.0.0.1:1".into()], Duration::from_secs(2), None);
+        let mut h = start(Arc::new(tcp)).await;
+        let err = h.connect().await;
+        assert_eq!(err.command, Command::Error, "{err:?}");
+        assert_eq!(err.header("message"), Some("broker unavailable"));
+        assert_eq!(h.next().await.err(), Some(Some(1011)));
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn drain_answers_what_is_owed_then_closes_with_1001() {
+        let mut h = start(embedded()).await;
+        assert_eq!(h.connect().await.command, Command::Connected);
+        h.send(subscribe("s1", "/queue/driver-drain")).await;
+        h.send(send_to("/queue/driver-drain", "x").with_header("receipt", "owed"))
+            .await;
+        // The receipt is owed once the SEND is out; the drain starts now.
+        h.stop.send(true).unwrap();
+        let mut receipts = Vec::new();
+        let error = loop {
+            let f = h.frame().await;
+            match f.command {
+                Command::Receipt => receipts.push(f.header("receipt-id").unwrap().to_owned()),
+                Command::Message => {}
+                Command::Error => break f,
+                other => panic!("unexpected {other}: {f:?}"),
+            }
+        };
+        assert_eq!(receipts, ["owed"]);
+        assert_eq!(error.header("message"), Some("server shutting down"));
+        assert_eq!(h.next().await.err(), Some(Some(1001)));
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn the_client_going_away_closes_the_leg_and_frees_the_slot() {
+        let broker = embedded_broker();
+        let mut h = start(Arc::new(EmbeddedBrokerSide(broker.clone()))).await;
+        assert_eq!(h.connect().await.command, Command::Connected);
+        h.send(subscribe("s1", "/topic/driver-gone").with_header("receipt", "r"))
+            .await;
+        assert_eq!(h.frame().await.command, Command::Receipt);
+        assert_eq!(broker.stats().subscriptions, 1);
+        drop(h.client);
+        tokio::time::timeout(WAIT, h.session)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.permits.available_permits(), 1);
+        assert_eq!(h.shared.health.active_sessions(), 0);
+        // The broker saw the leg close and forgot the subscription.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while broker.stats().subscriptions > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                broker.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -16,6 +16,7 @@ pub mod api;
 pub mod auth;
 pub mod backoff;
 pub mod broker;
+pub mod broker_side;
 pub mod client;
 pub mod config;
 pub mod demo;

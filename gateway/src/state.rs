@@ -5,6 +5,7 @@
 //! server only read it.
 
 use crate::amqp::ControlPlane;
+use crate::broker_side::{BrokerSide, TcpBrokerSide};
 use crate::config::{Config, MessageType};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -39,6 +40,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Publishes application messages (`/app/**`).
     pub control: ControlPlane,
+    /// Where each session's relay leg goes (RabbitMQ over TCP by default).
+    pub broker_side: Arc<dyn BrokerSide>,
     /// TLS to the broker (`[broker.tls]`), `None` for plain TCP; shared by
     /// every session and the system link.
     pub broker_tls: Option<Arc<crate::tls::BrokerTls>>,
@@ -114,6 +117,11 @@ impl Shared {
             .max_message_size(Some(config.server.max_ws_message_size))
             .max_frame_size(Some(config.server.max_ws_message_size));
         Shared {
+            broker_side: Arc::new(TcpBrokerSide::new(
+                b.addresses.clone(),
+                Duration::from_millis(b.connect_timeout_ms),
+                settings.broker_tls.clone(),
+            )),
             broker_tls: settings.broker_tls.clone(),
             pod: settings.pod.clone(),
             metrics,
