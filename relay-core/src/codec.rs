@@ -19,7 +19,10 @@
 //! ```
 //!
 //! `EOL` is LF or CRLF (both accepted in every version; the encoder writes LF).
-//! An EOL where a frame would start is a heart-beat.
+//! An EOL where a frame would start is a heart-beat. A NUL where a frame
+//! would start is skipped, as RabbitMQ does (some clients end each frame with
+//! `NUL EOL` or send a stray NUL). A NUL inside a header line is refused: a
+//! peer that splits frames on NUL would cut the frame there.
 
 use crate::frame::{Command, Frame, Version};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -85,6 +88,8 @@ pub enum DecodeError {
     MalformedHeader(String),
     #[error("header is not valid UTF-8")]
     InvalidUtf8,
+    #[error("NUL byte in header line {0:?}")]
+    NulInHeader(String),
     #[error("invalid content-length {0:?}")]
     InvalidContentLength(String),
     #[error("frame body is not terminated by NUL after content-length bytes")]
@@ -221,6 +226,12 @@ impl Decoder {
                         Some(b'\n') => {
                             self.buf.advance(1);
                             return Ok(Some(Item::Heartbeat));
+                        }
+                        Some(0) => {
+                            // A stray NUL between frames: skipped, not an
+                            // item (RabbitMQ ignores it too).
+                            self.buf.advance(1);
+                            continue;
                         }
                         Some(b'\r') => match self.buf.get(1) {
                             None => return Ok(None),
@@ -406,6 +417,9 @@ impl Decoder {
 
 /// Splits a header line at its first `:` (no trimming).
 fn parse_header(line: &[u8]) -> Result<(String, String), DecodeError> {
+    if line.contains(&0) {
+        return Err(DecodeError::NulInHeader(excerpt(line)));
+    }
     let colon = line
         .iter()
         .position(|&b| b == b':')
@@ -467,7 +481,9 @@ enum Escaping {
     /// 1.0 and the exempt commands: nothing is escaped, so what cannot be
     /// represented is replaced (LF/CR by a space, `:` in names by `_`).
     None,
-    /// 1.1: `\` `LF` `:`; CR is written as is.
+    /// 1.1: `\` `LF` `:`; CR is written as is, except at the very end of
+    /// a value, where it would merge with the EOL (`CR CR LF` reads back as
+    /// `CR LF`): there it is replaced by a space (found by fuzzing).
     V1_1,
     /// 1.2: `\` `LF` `CR` `:`.
     V1_2,
@@ -482,14 +498,17 @@ fn put_text(out: &mut BytesMut, text: &str, escaping: Escaping, is_name: bool) {
         _ => false,
     };
     let bytes = text.as_bytes();
+    let last = bytes.len().wrapping_sub(1);
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        if !special(b) {
+        let trailing_cr = b == b'\r' && i == last && !is_name && escaping == Escaping::V1_1;
+        if !special(b) && !trailing_cr {
             continue;
         }
         out.put_slice(&bytes[run..i]);
         run = i + 1;
         let replacement: &[u8] = match (escaping, b) {
+            (Escaping::V1_1, b'\r') => b" ",
             (Escaping::None, b':') => b"_",
             (Escaping::None, _) => b" ",
             (_, b'\n') => b"\\n",
@@ -750,6 +769,51 @@ mod tests {
     }
 
     #[test]
+    fn error_nul_in_header() {
+        assert_eq!(
+            err_of(Version::V1_2, b"SEND\nx-evil:a\0b\n\n\0"),
+            DecodeError::NulInHeader("x-evil:a\0b".into())
+        );
+        assert_eq!(
+            err_of(Version::V1_0, b"SEND\nx\0:1\n\n\0"),
+            DecodeError::NulInHeader("x\0:1".into())
+        );
+        // In the command line it is simply not a command.
+        assert!(matches!(
+            err_of(Version::V1_2, b"SE\0ND\n\n\0"),
+            DecodeError::UnknownCommand(_)
+        ));
+    }
+
+    #[test]
+    fn nuls_and_eols_between_frames_are_skipped() {
+        let mut d = Decoder::default();
+        d.extend(b"\0\0SEND\n\nA\0\0\r\n\0\nSEND\n\nB\0\0");
+        let mut items = Vec::new();
+        while let Some(item) = d.decode().unwrap() {
+            items.push(item);
+        }
+        let bodies: Vec<_> = items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Frame(f) => Some(f.body.clone()),
+                Item::Heartbeat => None,
+            })
+            .collect();
+        assert_eq!(bodies, vec![Bytes::from("A"), Bytes::from("B")]);
+        assert_eq!(
+            items.iter().filter(|i| **i == Item::Heartbeat).count(),
+            2,
+            "{items:?}"
+        );
+        assert_eq!(d.buffered(), 0);
+        // Only NULs: nothing buffered, nothing returned.
+        d.extend(&[0u8; 100_000]);
+        assert_eq!(d.decode(), Ok(None));
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
     fn error_invalid_content_length() {
         for bad in ["", "x", "-1", " 1", "1 ", "+1", "1.0"] {
             let wire = format!("SEND\ncontent-length:{bad}\n\n\0");
@@ -929,6 +993,17 @@ mod tests {
                 b"CONNECTED\nk_\\  :v:\\  \n\n\0"
             );
         }
+    }
+
+    #[test]
+    fn v1_1_trailing_cr_in_a_value_does_not_merge_with_the_eol() {
+        // Found by fuzzing: `a:x\r\r\n` decodes to "x\r", which 1.1 cannot
+        // escape; written raw it would read back as "x".
+        let f = frame_of(Version::V1_1, b"SEND\na:x\r\r\nb:y\rz\n\n\0");
+        assert_eq!(f.header("a"), Some("x\r"));
+        let wire = encode_to_bytes(&f, Version::V1_1);
+        assert_eq!(&wire[..], b"SEND\na:x \nb:y\rz\n\n\0");
+        assert_eq!(frame_of(Version::V1_1, &wire).header("a"), Some("x "));
     }
 
     #[test]

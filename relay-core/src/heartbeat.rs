@@ -74,6 +74,27 @@ pub fn negotiate(ours: HeartBeat, theirs: HeartBeat) -> Negotiated {
     }
 }
 
+/// The gateway's announcement to a client, RabbitMQ's way: each side of
+/// `configured` that is 0 mirrors the client's wish (we send as often as the
+/// client wants to receive, and want to receive as often as it can send),
+/// a non-zero side is a fixed offer. Every non-zero result is raised to
+/// `min_ms`, so a client cannot make the gateway beat every millisecond; a
+/// client that offers `0,0` gets `0,0`.
+pub fn mirror(configured: HeartBeat, client: HeartBeat, min_ms: u64) -> HeartBeat {
+    let side = |fixed: u64, wish: u64| {
+        let v = if fixed == 0 { wish } else { fixed };
+        if v == 0 {
+            0
+        } else {
+            v.max(min_ms)
+        }
+    };
+    HeartBeat {
+        send_ms: side(configured.send_ms, client.receive_ms),
+        receive_ms: side(configured.receive_ms, client.send_ms),
+    }
+}
+
 /// How long silence is tolerated before a peer counts as dead: twice the
 /// negotiated interval, as RabbitMQ and most clients do.
 pub fn receive_deadline(interval: Duration) -> Duration {
@@ -96,6 +117,36 @@ mod tests {
         assert!(HeartBeat::parse(Some("a,b")).is_err());
         assert!(HeartBeat::parse(Some("-1,0")).is_err());
         assert_eq!(HeartBeat::new(3, 4).header_value(), "3,4");
+    }
+
+    /// The negotiation table of issue 10: the client's wish mirrored,
+    /// clamped to the 1000 ms minimum.
+    #[test]
+    fn mirror_table() {
+        let mirrored = HeartBeat::new(0, 0);
+        for (client, answer, send, receive) in [
+            ((0, 0), (0, 0), None, None),
+            ((1, 1), (1000, 1000), Some(1000), Some(1000)),
+            ((1000, 1000), (1000, 1000), Some(1000), Some(1000)),
+            ((30000, 30000), (30000, 30000), Some(30000), Some(30000)),
+            // Asymmetric: we send as often as the client wants to receive.
+            ((0, 5000), (5000, 0), Some(5000), None),
+            ((4000, 0), (0, 4000), None, Some(4000)),
+        ] {
+            let c = HeartBeat::new(client.0, client.1);
+            let ours = mirror(mirrored, c, 1000);
+            assert_eq!((ours.send_ms, ours.receive_ms), answer, "client {client:?}");
+            let n = negotiate(ours, c);
+            assert_eq!(n.send.map(|d| d.as_millis() as u64), send, "{client:?}");
+            assert_eq!(
+                n.receive.map(|d| d.as_millis() as u64),
+                receive,
+                "{client:?}"
+            );
+        }
+        // A fixed side is offered as configured (and negotiated as before).
+        let ours = mirror(HeartBeat::new(10_000, 0), HeartBeat::new(1, 1), 1000);
+        assert_eq!(ours, HeartBeat::new(10_000, 1000));
     }
 
     #[test]
