@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -130,7 +130,7 @@ pub async fn run<T: ClientTransport>(
     id: String,
     peer: SocketAddr,
     subprotocol: Option<Version>,
-    permit: OwnedSemaphorePermit,
+    permit: crate::admission::Ticket,
 ) {
     let slot = SessionSlot::open(shared.health.clone(), permit);
     shared.metrics.sessions_opened.inc();
@@ -286,6 +286,9 @@ pub async fn run<T: ClientTransport>(
         .cloned()
         .unwrap_or(CloseReason::ClientGone);
     shared.metrics.session_closed(&reason);
+    if let Some(limit) = session.limit_hit() {
+        shared.metrics.limit_hit(limit);
+    }
     info!(
         pod = %shared.pod,
         session = %id,
@@ -373,6 +376,9 @@ impl Driver {
                 }
             }
         }
+        // A half-sent frame starts the frame-completion clock.
+        self.session
+            .handle_client_partial(now, self.decoder.buffered() > 0);
     }
 
     fn on_broker_item(&mut self, item: Result<Item, BrokerError>) {
@@ -391,7 +397,12 @@ impl Driver {
                     self.closing_brokers.push(b.writer);
                 }
                 self.broker_pending.clear();
-                self.session.handle_broker_failed(now, &e.to_string());
+                match e {
+                    BrokerError::Decode(relay_core::DecodeError::FrameTooLarge { limit }) => {
+                        self.session.handle_broker_frame_too_large(now, limit)
+                    }
+                    e => self.session.handle_broker_failed(now, &e.to_string()),
+                }
             }
         }
     }

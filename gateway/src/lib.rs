@@ -1,6 +1,7 @@
 //! stomp-gateway: the I/O around `relay-core`.
 //!
 //! - [`server`]: the client listener (hyper 1, WebSocket upgrade).
+//! - [`admission`]: connection limits from accept on (global, per IP).
 //! - [`client`]: one task per client session driving `relay_core::session::Session`.
 //! - [`broker`]: TCP connections to the RabbitMQ STOMP plugin (address failover).
 //! - [`system`]: the shared system link (heart-beats, reconnect with backoff).
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod amqp;
 pub mod api;
 pub mod auth;

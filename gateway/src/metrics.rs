@@ -25,6 +25,7 @@ pub struct Metrics {
     pub app_failed: IntCounter,
     pub backpressure_pauses: IntCounter,
     rejected: IntCounterVec,
+    limit_hits: IntCounterVec,
     sessions_active: IntGauge,
     system_link_up: IntGauge,
     amqp_up: IntGauge,
@@ -100,7 +101,14 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        for v in [&frames, &bytes, &app, &closed, &rejected] {
+        let limit_hits = IntCounterVec::new(
+            Opts::new(
+                "limit_hits_total",
+                "Times a configured limit refused a client, by setting name",
+            ),
+            &["limit"],
+        )?;
+        for v in [&frames, &bytes, &app, &closed, &rejected, &limit_hits] {
             registry.register(Box::new(v.clone()))?;
         }
         // Every known label value is exported from the start (at 0), so a
@@ -136,6 +144,7 @@ impl Metrics {
             ready: gauge("ready", "1 while /readyz answers 200")?,
             closed,
             rejected,
+            limit_hits,
             registry,
         })
     }
@@ -153,6 +162,12 @@ impl Metrics {
             CloseReason::Shutdown => "shutdown",
         };
         self.closed.with_label_values(&[label]).inc();
+    }
+
+    /// Counts a limit that refused a client (`limit` is the setting name,
+    /// e.g. `session.max_transactions`).
+    pub fn limit_hit(&self, limit: &str) {
+        self.limit_hits.with_label_values(&[limit]).inc();
     }
 
     /// Counts a refused upgrade.
@@ -190,6 +205,7 @@ mod tests {
         m.frames_client_to_broker.inc_by(3);
         m.session_closed(&CloseReason::Shutdown);
         m.rejected(Rejection::Origin);
+        m.limit_hit("session.max_transactions");
         let health = Health::default();
         health.session_opened();
         let text = m.render(&health);
@@ -212,6 +228,12 @@ mod tests {
         assert!(
             text.contains(
                 r#"stomp_gateway_connections_rejected_total{reason="origin",pod="pod-a"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"stomp_gateway_limit_hits_total{limit="session.max_transactions",pod="pod-a"} 1"#
             ),
             "{text}"
         );

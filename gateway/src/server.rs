@@ -1,8 +1,12 @@
 //! The client listener: hyper 1 HTTP/1.1 with the WebSocket upgrade on the
 //! configured endpoint paths, STOMP subprotocol negotiation, origin check and
-//! the per-process connection limit. Each upgraded connection becomes a
-//! [`crate::client`] task.
+//! the connection limits ([`crate::admission`], taken at accept). A
+//! connection must finish its upgrade request within
+//! `server.handshake_timeout_ms` or gets `408` (slowloris); one that does not
+//! upgrade is closed after its one response (no keep-alive). Each upgraded
+//! connection becomes a [`crate::client`] task.
 
+use crate::admission::{Refusal, Ticket};
 use crate::amqp::{ControlPlane, ControlPlaneError};
 use crate::health::Health;
 use crate::metrics::{Metrics, Rejection};
@@ -18,9 +22,11 @@ use hyper_util::rt::TokioIo;
 use relay_core::Version;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -50,7 +56,11 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     let health = Arc::new(Health::default());
     let pod = settings.pod.clone();
     let metrics = Arc::new(Metrics::new(&pod)?);
-    let listener = bind(&config.server.listen, "client listener").await?;
+    let listener = bind_backlog(
+        &config.server.listen,
+        config.server.listen_backlog,
+        "client listener",
+    )?;
     let admin = bind(&config.server.admin_listen, "admin listener").await?;
     // Declares the topology first: a conflict stops start-up here.
     // The control plane closes after the sessions drained (they may still
@@ -105,8 +115,21 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let shared = shared.clone();
-                    tokio::spawn(serve_connection(stream, peer, shared, routes.clone()));
+                    match shared.admission.admit(peer.ip()) {
+                        Ok(ticket) => {
+                            tokio::spawn(serve_connection(
+                                stream,
+                                peer,
+                                shared.clone(),
+                                routes.clone(),
+                                ticket,
+                            ));
+                        }
+                        Err(why) => {
+                            refused(&shared, peer, why);
+                            tokio::spawn(refuse(stream, why));
+                        }
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -155,30 +178,152 @@ async fn bind(addr: &str, what: &'static str) -> Result<TcpListener, ServerError
         })
 }
 
+/// Binds the client listener with `backlog` (tokio's own bind uses 1024).
+fn bind_backlog(addr: &str, backlog: u32, what: &'static str) -> Result<TcpListener, ServerError> {
+    let err = |source| ServerError::Bind {
+        what,
+        addr: addr.to_owned(),
+        source,
+    };
+    let sa: SocketAddr = addr.parse().map_err(|_| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not an ip:port address",
+        ))
+    })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&sa.into()).map_err(err)?;
+    socket
+        .listen(i32::try_from(backlog).unwrap_or(i32::MAX))
+        .map_err(err)?;
+    TcpListener::from_std(socket.into()).map_err(err)
+}
+
+/// Logs and counts a refused connection.
+fn refused(shared: &Shared, peer: SocketAddr, why: Refusal) {
+    if why == Refusal::ConnectionLimit {
+        shared.metrics.rejected(Rejection::ConnectionLimit);
+    }
+    shared.metrics.limit_hit(why.limit());
+    debug!(%peer, limit = why.limit(), "connection refused");
+}
+
+/// Answers a connection refused at accept with a short HTTP response and
+/// closes it (without reading the request: the limits exist to spend
+/// nothing on such connections).
+async fn refuse(mut stream: TcpStream, why: Refusal) {
+    let (status, text) = match why.status() {
+        503 => ("503 Service Unavailable", "connection limit reached"),
+        _ => (
+            "429 Too Many Requests",
+            "too many connections from this address",
+        ),
+    };
+    let body = format!("{text} ({})\n", why.limit());
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 fn local(l: &TcpListener) -> String {
     l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
+/// The admission ticket of a connection, handed to its session on upgrade.
+type TicketSlot = Arc<Mutex<Option<Ticket>>>;
+
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     routes: Arc<crate::endpoints::Routes>,
+    ticket: Ticket,
 ) {
+    // A second handle on the socket, to answer 408 if the request does not
+    // arrive in time (hyper owns the stream and would only close it).
+    let spare = stream
+        .into_std()
+        .and_then(|s| Ok((s.try_clone()?, s)))
+        .and_then(|(spare, s)| Ok((spare, TcpStream::from_std(s)?)));
+    let (spare, stream) = match spare {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!(%peer, error = %e, "connection lost before it was served");
+            return;
+        }
+    };
+    let timeout = Duration::from_millis(shared.config.server.handshake_timeout_ms);
+    let slot: TicketSlot = Arc::new(Mutex::new(Some(ticket)));
+    let got_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let io = TokioIo::new(stream);
-    let svc = service_fn(move |req| {
-        let (shared, routes) = (shared.clone(), routes.clone());
-        async move {
-            Ok::<_, Infallible>(match routes.serve(req, peer).await {
-                Ok(r) => r,
-                Err(req) => handle(req, peer, shared).map(BodyExt::boxed),
-            })
+    let svc = service_fn({
+        let (shared, slot, got_request) = (shared.clone(), slot.clone(), got_request.clone());
+        move |req| {
+            got_request.store(true, Ordering::Relaxed);
+            let (shared, routes, slot) = (shared.clone(), routes.clone(), slot.clone());
+            async move {
+                Ok::<_, Infallible>(match routes.serve(req, peer).await {
+                    Ok(r) => r,
+                    Err(req) => handle(req, peer, shared, slot).map(BodyExt::boxed),
+                })
+            }
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
+        // Later requests on a kept-alive connection (SockJS polling) get the
+        // same time for their headers; hyper closes the connection then.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeout)
         .serve_connection(io, svc)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    let mut conn = Box::pin(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        () = tokio::time::sleep(timeout) => None,
+    };
+    let result = match result {
+        Some(r) => r,
+        None if got_request.load(Ordering::Relaxed) => {
+            drop(spare);
+            conn.await
+        }
+        None => {
+            // Slowloris: no complete request in time. Answer as Web-STOMP
+            // does, then close.
+            drop(conn);
+            shared.metrics.limit_hit("server.handshake_timeout_ms");
+            debug!(%peer, "no complete upgrade request in time: 408");
+            let ms = timeout.as_millis();
+            let body =
+                format!("no complete request within {ms} ms (server.handshake_timeout_ms)\n");
+            let resp = format!(
+                "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Ok(mut s) = TcpStream::from_std(spare) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                })
+                .await;
+            }
+            return;
+        }
+    };
+    if let Err(e) = result {
         debug!(%peer, error = %e, "http connection ended with an error");
     }
 }
@@ -192,6 +337,10 @@ fn text(status: StatusCode, body: impl Into<String>) -> Resp {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // One request per connection: a plain HTTP client gets its answer and
+    // the connection closes, so none sits idle holding a slot.
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 
@@ -208,7 +357,12 @@ pub fn choose_subprotocol<'a>(offered: impl Iterator<Item = &'a str>) -> Option<
     offered.filter_map(Version::from_subprotocol).max()
 }
 
-fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Resp {
+fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: TicketSlot,
+) -> Resp {
     let path = req.uri().path().to_owned();
     let is_endpoint = shared
         .config
@@ -280,14 +434,25 @@ fn handle(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> 
         shared.metrics.rejected(Rejection::ShuttingDown);
         return text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
     }
-    let Some(permit) = shared.try_admit() else {
-        warn!(%peer, limit = shared.config.server.max_connections, "rejected WebSocket upgrade: connection limit reached");
-        shared.metrics.rejected(Rejection::ConnectionLimit);
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "connection limit reached\n",
-        );
+    // The connection's admission ticket goes with the session.
+    let Some(mut permit) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        return text(StatusCode::BAD_REQUEST, "one upgrade per connection\n");
     };
+    if shared.admission.is_trusted(peer.ip()) {
+        let xff = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let client = shared.admission.forwarded_client(peer.ip(), xff);
+        if let Err(why) = shared.admission.admit_forwarded(&mut permit, client) {
+            refused(&shared, peer, why);
+            warn!(%peer, %client, limit = why.limit(), "rejected WebSocket upgrade");
+            return text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many connections from this address ({})\n", why.limit()),
+            );
+        }
+    }
     let offered: Vec<String> = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)

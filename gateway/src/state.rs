@@ -4,6 +4,7 @@
 //! by [`crate::server::run`]; the listener, the client driver and the admin
 //! server only read it.
 
+use crate::admission::{Admission, Ticket};
 use crate::amqp::ControlPlane;
 use crate::broker_side::{BrokerSide, TcpBrokerSide};
 use crate::config::{Config, MessageType};
@@ -17,7 +18,7 @@ use relay_core::Limits;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::task::TaskTracker;
 
@@ -29,8 +30,8 @@ pub struct Shared {
     pub session: Arc<SessionConfig>,
     /// Codec limits for client frames.
     pub client_limits: Limits,
-    /// Codec limits for broker frames (client limits plus headroom for the
-    /// headers the broker adds).
+    /// Codec limits for broker frames (`broker.max_frame_size`; header
+    /// limits are the client's plus headroom for the headers the broker adds).
     pub broker_limits: Limits,
     pub ws_config: WebSocketConfig,
     pub message_type: MessageType,
@@ -45,8 +46,8 @@ pub struct Shared {
     /// TLS to the broker (`[broker.tls]`), `None` for plain TCP; shared by
     /// every session and the system link.
     pub broker_tls: Option<Arc<crate::tls::BrokerTls>>,
-    /// One permit per client connection (`server.max_connections`).
-    pub permits: Arc<Semaphore>,
+    /// Connection limits (`server.max_connections`, per IP), taken at accept.
+    pub admission: Arc<Admission>,
     /// Every session task; the drain waits on it (no polling of counters).
     pub sessions: TaskTracker,
     id_prefix: u32,
@@ -72,6 +73,12 @@ impl Shared {
             .map(|a| a as Arc<dyn Authenticate>);
         let session = SessionConfig {
             client_heartbeat: HeartBeat::new(s.heartbeat_send_ms, s.heartbeat_receive_ms),
+            client_heartbeat_min_ms: s.heartbeat_min_ms,
+            frame_timeout: Duration::from_millis(s.frame_timeout_ms),
+            max_transactions: s.max_transactions,
+            max_transaction_bytes: s.max_transaction_bytes,
+            max_sends_per_sec: s.max_sends_per_sec,
+            send_burst: s.send_burst,
             broker_heartbeat: HeartBeat::new(
                 b.client_heartbeat_send_ms,
                 b.client_heartbeat_receive_ms,
@@ -102,8 +109,10 @@ impl Shared {
             max_headers: s.max_header_count,
             max_header_line: s.max_header_line,
         };
+        // Frames from the broker: RabbitMQ's own frame limit, so anything it
+        // accepted from a producer reaches the subscriber.
         let broker_limits = Limits {
-            max_frame_size: s.max_frame_size.saturating_add(16 * 1024),
+            max_frame_size: b.max_frame_size,
             max_headers: s.max_header_count.saturating_add(32),
             max_header_line: s.max_header_line.saturating_add(1024),
         };
@@ -126,7 +135,12 @@ impl Shared {
             pod: settings.pod.clone(),
             metrics,
             control,
-            permits: Arc::new(Semaphore::new(config.server.max_connections)),
+            admission: Admission::new(
+                config.server.max_connections,
+                config.server.max_connections_per_ip,
+                config.server.max_new_connections_per_ip_per_sec,
+                &config.server.trusted_proxies,
+            ),
             message_type: config.server.message_type,
             session: Arc::new(session),
             client_limits,
@@ -151,10 +165,11 @@ impl Shared {
             .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
     }
 
-    /// A connection slot (`server.max_connections`), held for the life of
-    /// a session; `None` at the limit.
-    pub fn try_admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+    /// A connection slot (`server.max_connections`) for a SockJS session,
+    /// held for its whole life (besides the slots its HTTP connections hold
+    /// while open); `None` at the limit.
+    pub fn try_admit(&self) -> Option<Ticket> {
+        self.admission.admit_session()
     }
 
     /// A new session id: a random per-process prefix and a counter.
@@ -171,12 +186,12 @@ impl Shared {
 #[derive(Debug)]
 pub struct SessionSlot {
     health: Arc<Health>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Ticket,
 }
 
 impl SessionSlot {
     /// Counts the session as active for as long as the slot lives.
-    pub fn open(health: Arc<Health>, permit: OwnedSemaphorePermit) -> SessionSlot {
+    pub fn open(health: Arc<Health>, permit: Ticket) -> SessionSlot {
         health.session_opened();
         SessionSlot {
             health,
@@ -198,9 +213,9 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_session_releases_its_slot_and_the_drain_ends() {
         let health = Arc::new(Health::new());
-        let permits = Arc::new(Semaphore::new(1));
+        let admission = Admission::new(1, 0, 0, &[]);
         let sessions = TaskTracker::new();
-        let permit = permits.clone().try_acquire_owned().expect("a free permit");
+        let permit = admission.admit_session().expect("a free permit");
         let task = sessions.spawn({
             let health = health.clone();
             async move {
@@ -211,7 +226,7 @@ mod tests {
         });
         assert!(task.await.is_err_and(|e| e.is_panic()));
         assert_eq!(health.active_sessions(), 0);
-        assert_eq!(permits.available_permits(), 1);
+        assert!(admission.admit_session().is_some(), "the permit is back");
         sessions.close();
         tokio::time::timeout(Duration::from_secs(5), sessions.wait())
             .await

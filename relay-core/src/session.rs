@@ -60,8 +60,25 @@ pub const RESERVED_HEADER_PREFIX: &str = "stomp-";
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Heart-beats offered on the client leg (gateway → client send, and
-    /// wanted from the client).
+    /// wanted from the client). A side that is 0 mirrors the client's wish,
+    /// as RabbitMQ does (see [`heartbeat::mirror`]); the default is `0,0`.
     pub client_heartbeat: HeartBeat,
+    /// Lower bound of every non-zero client-leg heart-beat interval (ms).
+    pub client_heartbeat_min_ms: u64,
+    /// A frame the client started must be complete within this time (the
+    /// only thing that bounds a half-sent frame when heart-beats are off).
+    pub frame_timeout: Duration,
+    /// Open transactions per session (`session.max_transactions`).
+    pub max_transactions: usize,
+    /// Bytes of SEND bodies and headers inside one open transaction, which
+    /// RabbitMQ holds in memory until COMMIT (`session.max_transaction_bytes`).
+    pub max_transaction_bytes: usize,
+    /// Sustained SENDs per second per session (token bucket refill rate;
+    /// 0 = unlimited) (`session.max_sends_per_sec`).
+    pub max_sends_per_sec: u32,
+    /// Token bucket size: SENDs a session may make in a burst
+    /// (`session.send_burst`).
+    pub send_burst: u32,
     /// Heart-beats asked for on the broker leg.
     pub broker_heartbeat: HeartBeat,
     /// The client must send CONNECT within this time.
@@ -97,7 +114,13 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
-            client_heartbeat: HeartBeat::new(10_000, 10_000),
+            client_heartbeat: HeartBeat::new(0, 0),
+            client_heartbeat_min_ms: 1_000,
+            frame_timeout: Duration::from_secs(30),
+            max_transactions: 8,
+            max_transaction_bytes: 1024 * 1024,
+            max_sends_per_sec: 20_000,
+            send_burst: 20_000,
             broker_heartbeat: HeartBeat::new(10_000, 10_000),
             connect_timeout: Duration::from_secs(10),
             broker_timeout: Duration::from_secs(10),
@@ -245,6 +268,15 @@ pub struct Session {
     deferred_disconnect: Option<Frame>,
     /// Drain requested; waiting for in-flight publishes before it starts.
     drain_requested: bool,
+    /// Open transactions: name → bytes sent inside it so far.
+    transactions: HashMap<String, usize>,
+    /// SEND token bucket: tokens left at `tokens_at`.
+    tokens: f64,
+    tokens_at: Instant,
+    /// Since when the client has a partly received frame.
+    partial_since: Option<Instant>,
+    /// The limit that ended the session, if one did (for the metric).
+    limit_hit: Option<&'static str>,
 }
 
 impl Session {
@@ -254,6 +286,7 @@ impl Session {
         id: impl Into<String>,
         now: Instant,
     ) -> Session {
+        let burst = f64::from(config.send_burst);
         Session {
             config,
             id: id.into(),
@@ -280,6 +313,34 @@ impl Session {
             next_publish_id: 1,
             deferred_disconnect: None,
             drain_requested: false,
+            transactions: HashMap::new(),
+            tokens: burst,
+            tokens_at: now,
+            partial_since: None,
+            limit_hit: None,
+        }
+    }
+
+    /// The limit whose breach ended this session (its setting name, e.g.
+    /// `session.max_transactions`), if one did. The driver counts it in
+    /// `stomp_gateway_limit_hits_total`.
+    pub fn limit_hit(&self) -> Option<&'static str> {
+        self.limit_hit
+    }
+
+    /// Open transactions.
+    pub fn transaction_count(&self) -> usize {
+        self.transactions.len()
+    }
+
+    /// The driver says whether the client's decoder holds a partly received
+    /// frame after the last input; one that stays incomplete longer than
+    /// `frame_timeout` ends the session.
+    pub fn handle_client_partial(&mut self, now: Instant, partial: bool) {
+        match (partial, self.partial_since) {
+            (true, None) => self.partial_since = Some(now),
+            (false, _) => self.partial_since = None,
+            (true, Some(_)) => {}
         }
     }
 
@@ -397,15 +458,19 @@ impl Session {
             State::AwaitingConnect => self.on_connect(now, frame),
             State::ConnectingBroker => {
                 if matches!(frame.command, Command::Connect | Command::Stomp) {
-                    return self.client_error(now, "already connected", "");
+                    return self.client_error(
+                        now,
+                        "Illegal command",
+                        "already connected: CONNECT may be sent only once",
+                    );
                 }
                 if self.pending.len() >= self.config.max_pending_frames {
                     let limit = self.config.max_pending_frames;
-                    return self.client_error(
+                    return self.limit_error(
                         now,
-                        "too many frames before the broker connection was ready",
+                        "session.max_pending_frames",
                         format!(
-                            "at most {limit} frames are held while the broker connection opens"
+                            "too many frames before the broker connection was ready: at most {limit} frames are held while the broker connection opens"
                         ),
                     );
                 }
@@ -418,9 +483,25 @@ impl Session {
 
     /// The client's bytes could not be decoded.
     pub fn handle_client_decode_error(&mut self, now: Instant, error: &DecodeError) {
-        if self.state != State::Closed {
-            self.client_error(now, &error.to_string(), "");
+        if self.state == State::Closed {
+            return;
         }
+        let limit = match error {
+            DecodeError::FrameTooLarge { .. } => Some("session.max_frame_size"),
+            DecodeError::TooManyHeaders { .. } => Some("session.max_header_count"),
+            DecodeError::HeaderLineTooLong { .. } => Some("session.max_header_line"),
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            return self.limit_error(now, limit, error.to_string());
+        }
+        // RabbitMQ's words for the condition, ours in the body.
+        let message = match error {
+            DecodeError::UnknownCommand(_) => "Bad command",
+            DecodeError::MissingNul => "Invalid frame",
+            _ => "Invalid header",
+        };
+        self.client_error(now, message, error.to_string());
     }
 
     /// The client connection went away (closed, reset or failed).
@@ -524,6 +605,31 @@ impl Session {
         }
     }
 
+    /// The broker sent a frame larger than the gateway's broker-side frame
+    /// limit (`broker.max_frame_size`, `limit` bytes). The broker is fine;
+    /// the client is told exactly that, and the session ends (the frame
+    /// cannot be skipped without reading it).
+    pub fn handle_broker_frame_too_large(&mut self, now: Instant, limit: usize) {
+        if matches!(self.state, State::Closed | State::AwaitingConnect) {
+            return;
+        }
+        self.limit_hit = Some("broker.max_frame_size");
+        let message = "Limit exceeded: broker.max_frame_size";
+        self.emit_client(
+            now,
+            Frame::error(
+                message,
+                format!(
+                    "the broker delivered a frame larger than {limit} bytes \
+                     (broker.max_frame_size), which this gateway does not relay; the broker \
+                     connection is healthy, the message is too large for this gateway"
+                ),
+            ),
+        );
+        self.actions.push_back(Action::CloseBroker);
+        self.finish(CloseReason::BrokerError(message.to_owned()), true);
+    }
+
     /// The broker connection could not be opened, or was lost.
     pub fn handle_broker_failed(&mut self, now: Instant, reason: &str) {
         match self.state {
@@ -562,6 +668,9 @@ impl Session {
             }
             State::Connected => {}
         }
+        if let Some(t) = self.partial_since {
+            consider(t + self.config.frame_timeout);
+        }
         if self.is_connected() {
             if let Some(i) = self.client_send {
                 consider(self.last_client_tx + i);
@@ -581,6 +690,19 @@ impl Session {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if let Some(t) = self.partial_since {
+            if now >= t + self.config.frame_timeout {
+                let ms = self.config.frame_timeout.as_millis();
+                return self.limit_error(
+                    now,
+                    "session.frame_timeout_ms",
+                    format!("a frame was started and not completed within {ms} ms"),
+                );
+            }
+        }
         match self.state {
             State::Closed => return,
             State::AwaitingConnect => {
@@ -676,26 +798,32 @@ impl Session {
             let cmd = frame.command;
             return self.client_error(
                 now,
-                "expected a CONNECT frame",
-                format!("the first frame must be CONNECT or STOMP, not {cmd}"),
+                "Illegal command",
+                format!("You must log in using CONNECT first: expected a CONNECT frame, the first frame must be CONNECT or STOMP, not {cmd}"),
             );
         }
         let version = match negotiate_version(frame.header("accept-version")) {
             Some(v) => v,
             None => {
                 let asked = frame.header("accept-version").unwrap_or("").to_owned();
-                return self.client_error(
+                self.emit_client(
                     now,
-                    "unsupported STOMP version",
-                    format!("client accepts {asked:?}; this server supports 1.0, 1.1 and 1.2"),
+                    Frame::error(
+                        "Version mismatch",
+                        format!(
+                            "Supported versions are 1.0,1.1,1.2 (unsupported STOMP version: the client accepts {asked:?})"
+                        ),
+                    )
+                    .with_header("version", "1.0,1.1,1.2"),
                 );
+                return self.finish(CloseReason::ClientError("Version mismatch".into()), true);
             }
         };
         self.client_version = version;
         self.broker_version = version;
         let client_hb = match HeartBeat::parse(frame.header("heart-beat")) {
             Ok(hb) => hb,
-            Err(e) => return self.client_error(now, &e.to_string(), ""),
+            Err(e) => return self.client_error(now, "Invalid header", e.to_string()),
         };
         self.client_heartbeat = client_hb;
         if let Some(auth) = self.config.authenticator.clone() {
@@ -728,21 +856,26 @@ impl Session {
         let b = heartbeat::negotiate(self.config.broker_heartbeat, broker_hb);
         self.broker_send = b.send;
         self.broker_receive = b.receive;
+        // 1.0 has no heart-beats; RabbitMQ still says `heart-beat:0,0`.
+        let mut ours = HeartBeat::default();
         if self.client_version >= Version::V1_1 {
-            let c = heartbeat::negotiate(self.config.client_heartbeat, self.client_heartbeat);
+            ours = heartbeat::mirror(
+                self.config.client_heartbeat,
+                self.client_heartbeat,
+                self.config.client_heartbeat_min_ms,
+            );
+            let c = heartbeat::negotiate(ours, self.client_heartbeat);
             self.client_send = c.send;
             self.client_receive = c.receive;
         }
         self.state = State::Connected;
         self.last_client_rx = now;
+        // RabbitMQ's header order, for tools that expect it.
         let mut connected = Frame::new(Command::Connected)
-            .with_header("version", self.client_version.as_str())
             .with_header("server", self.config.server_name.clone())
-            .with_header("session", self.id.clone());
-        if self.client_version >= Version::V1_1 {
-            connected =
-                connected.with_header("heart-beat", self.config.client_heartbeat.header_value());
-        }
+            .with_header("session", self.id.clone())
+            .with_header("heart-beat", ours.header_value())
+            .with_header("version", self.client_version.as_str());
         if let Some(user) = &self.user {
             connected = connected.with_header("user-name", user.clone());
         }
@@ -761,8 +894,39 @@ impl Session {
         match frame.command {
             Command::Send => {
                 let Some(dest) = frame.header("destination") else {
-                    return self.client_error(now, "SEND frame has no destination header", "");
+                    return self.client_error(
+                        now,
+                        "Missing destination",
+                        "\"SEND\" must include a 'destination' header (SEND frame has no destination header)",
+                    );
                 };
+                if !self.take_send_token(now) {
+                    let rate = self.config.max_sends_per_sec;
+                    let burst = self.config.send_burst;
+                    return self.limit_error(
+                        now,
+                        "session.max_sends_per_sec",
+                        format!(
+                            "more than {rate} SENDs per second (bursts of {burst}) on one session"
+                        ),
+                    );
+                }
+                if let Some(tx) = frame.header("transaction") {
+                    let size = frame_size(&frame);
+                    if let Some(used) = self.transactions.get_mut(tx) {
+                        *used = used.saturating_add(size);
+                        if *used > self.config.max_transaction_bytes {
+                            let limit = self.config.max_transaction_bytes;
+                            return self.limit_error(
+                                now,
+                                "session.max_transaction_bytes",
+                                format!(
+                                    "transaction {tx:?} holds more than {limit} bytes of SENDs; COMMIT or ABORT sooner"
+                                ),
+                            );
+                        }
+                    }
+                }
                 match self.config.router.route(dest) {
                     Route::Relay => self.emit_broker(now, frame),
                     Route::App if self.config.control_plane => self.on_app_send(now, frame),
@@ -772,9 +936,14 @@ impl Session {
             }
             Command::Subscribe => self.on_subscribe(now, frame),
             Command::Unsubscribe => self.on_unsubscribe(now, frame),
-            Command::Ack | Command::Nack | Command::Begin | Command::Commit | Command::Abort => {
+            Command::Begin => self.on_begin(now, frame),
+            Command::Commit | Command::Abort => {
+                if let Some(tx) = frame.header("transaction") {
+                    self.transactions.remove(tx);
+                }
                 self.emit_broker(now, frame)
             }
+            Command::Ack | Command::Nack => self.emit_broker(now, frame),
             Command::Disconnect if !self.inflight.is_empty() => {
                 // Answer only once every application publish is confirmed.
                 self.deferred_disconnect = Some(frame);
@@ -793,37 +962,55 @@ impl Session {
                     }
                 }
             }
-            Command::Connect | Command::Stomp => self.client_error(now, "already connected", ""),
+            Command::Connect | Command::Stomp => self.client_error(
+                now,
+                "Illegal command",
+                "already connected: CONNECT may be sent only once",
+            ),
             Command::Connected | Command::Message | Command::Receipt | Command::Error => {
                 let cmd = frame.command;
-                self.client_error(now, &format!("clients may not send {cmd} frames"), "")
+                self.client_error(
+                    now,
+                    "Bad command",
+                    format!("clients may not send {cmd} frames"),
+                )
             }
         }
     }
 
     fn on_subscribe(&mut self, now: Instant, mut frame: Frame) {
         let Some(dest) = frame.header("destination").map(str::to_owned) else {
-            return self.client_error(now, "SUBSCRIBE frame has no destination header", "");
+            return self.client_error(
+                now,
+                "Missing destination",
+                "\"SUBSCRIBE\" must include a 'destination' header (SUBSCRIBE frame has no destination header)",
+            );
         };
         let key = match (frame.header("id"), self.client_version) {
             (Some(id), _) => id.to_owned(),
             // STOMP 1.0 makes `id` optional; the destination names the subscription.
             (None, Version::V1_0) => dest.clone(),
-            (None, _) => return self.client_error(now, "SUBSCRIBE frame has no id header", ""),
+            (None, _) => {
+                return self.client_error(
+                    now,
+                    "Missing header",
+                    "SUBSCRIBE frame has no id header (required since STOMP 1.1)",
+                )
+            }
         };
         if self.subscriptions.contains(&key) {
             return self.client_error(
                 now,
-                &format!("subscription id {key:?} is already in use"),
-                "",
+                "Duplicated subscription identifier",
+                format!("A subscription identified by '{key}' already exists (subscription id {key:?} is already in use)."),
             );
         }
         if self.subscriptions.len() >= self.config.max_subscriptions {
             let limit = self.config.max_subscriptions;
-            return self.client_error(
+            return self.limit_error(
                 now,
-                &format!("too many subscriptions (limit {limit} per session)"),
-                "",
+                "session.max_subscriptions",
+                format!("too many subscriptions (limit {limit} per session)"),
             );
         }
         match self.config.router.route(&dest) {
@@ -858,7 +1045,13 @@ impl Session {
         ) {
             (Some(id), _, _) => id.to_owned(),
             (None, Some(dest), Version::V1_0) => dest.to_owned(),
-            _ => return self.client_error(now, "UNSUBSCRIBE frame has no id header", ""),
+            _ => {
+                return self.client_error(
+                    now,
+                    "Missing header",
+                    "UNSUBSCRIBE frame has no id header",
+                )
+            }
         };
         if self.subscriptions.remove(&key) {
             self.user_subscriptions.remove(&key);
@@ -891,10 +1084,10 @@ impl Session {
         };
         if self.inflight.len() >= self.config.max_inflight_publishes {
             let limit = self.config.max_inflight_publishes;
-            return self.client_error(
+            return self.limit_error(
                 now,
-                &format!("too many unconfirmed application messages (limit {limit})"),
-                "wait for receipts before sending more",
+                "app.max_inflight_per_session",
+                format!("too many unconfirmed application messages (limit {limit}); wait for receipts before sending more"),
             );
         }
         let id = self.next_publish_id;
@@ -963,26 +1156,47 @@ impl Session {
             Route::Relay => {}
             Route::App if self.config.control_plane => self.client_error(
                 now,
-                &format!("cannot subscribe to application destination {dest:?}"),
-                "application destinations only take SEND; subscribe to the broker destination \
-                 (/topic/..., /exchange/...) that backends publish to",
+                "Invalid destination",
+                format!(
+                    "cannot subscribe to application destination {dest:?}: application \
+                     destinations only take SEND; subscribe to the broker destination \
+                     (/topic/..., /exchange/...) that backends publish to"
+                ),
             ),
             Route::App => self.client_error(
                 now,
-                &format!("application destination {dest:?} is not served"),
-                "application destinations need the AMQP control plane, which is disabled",
+                "Unknown destination",
+                format!(
+                    "application destination {dest:?} is not served: application destinations \
+                     need the AMQP control plane, which is disabled"
+                ),
             ),
             Route::User => self.client_error(
                 now,
-                &format!("user destination {dest:?} is not served"),
-                "user destinations need the AMQP control plane, which is disabled",
+                "Unknown destination",
+                format!(
+                    "user destination {dest:?} is not served: user destinations need the AMQP \
+                     control plane, which is disabled"
+                ),
             ),
             Route::Unroutable => {
                 let prefixes = self.config.router.relay_prefixes().join(", ");
+                // `/queue` or `/queue/`: a known kind with an empty name.
+                let empty_name = self
+                    .config
+                    .router
+                    .relay_prefixes()
+                    .iter()
+                    .any(|p| p == &dest || p.trim_end_matches('/') == dest);
+                let message = if empty_name {
+                    "Invalid destination"
+                } else {
+                    "Unknown destination"
+                };
                 self.client_error(
                     now,
-                    &format!("no route for destination {dest:?}"),
-                    format!("destinations must start with one of: {prefixes}"),
+                    message,
+                    format!("no route for destination {dest:?}: destinations must start with one of: {prefixes} and name something after it"),
                 )
             }
         }
@@ -996,6 +1210,55 @@ impl Session {
     fn emit_broker(&mut self, now: Instant, frame: Frame) {
         self.last_broker_tx = now;
         self.actions.push_back(Action::ToBroker(frame));
+    }
+
+    fn on_begin(&mut self, now: Instant, frame: Frame) {
+        let Some(tx) = frame.header("transaction").map(str::to_owned) else {
+            // RabbitMQ's answer; nothing to relay.
+            return self.client_error(
+                now,
+                "Missing transaction",
+                "\"BEGIN\" must include a 'transaction' header",
+            );
+        };
+        if !self.transactions.contains_key(&tx)
+            && self.transactions.len() >= self.config.max_transactions
+        {
+            let limit = self.config.max_transactions;
+            return self.limit_error(
+                now,
+                "session.max_transactions",
+                format!(
+                    "more than {limit} open transactions on one session; COMMIT or ABORT first"
+                ),
+            );
+        }
+        self.transactions.entry(tx).or_insert(0);
+        self.emit_broker(now, frame);
+    }
+
+    /// Takes one SEND token from the bucket; false if it is empty.
+    fn take_send_token(&mut self, now: Instant) -> bool {
+        let rate = self.config.max_sends_per_sec;
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.tokens_at).as_secs_f64();
+        self.tokens_at = now;
+        let burst = f64::from(self.config.send_burst.max(1));
+        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// ERROR naming the limit (its setting), then close both legs.
+    fn limit_error(&mut self, now: Instant, limit: &'static str, details: impl Into<String>) {
+        self.limit_hit = Some(limit);
+        self.client_error(now, &format!("Limit exceeded: {limit}"), details);
     }
 
     /// ERROR to the client, then close both legs.
@@ -1028,6 +1291,16 @@ impl Session {
         self.state = State::Closed;
         self.pending.clear();
     }
+}
+
+/// Approximate wire size of a frame: body plus header text.
+fn frame_size(frame: &Frame) -> usize {
+    frame
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2)
+        .sum::<usize>()
+        + frame.body.len()
 }
 
 /// The headers of a client SEND that travel to backends: everything but
@@ -1114,6 +1387,19 @@ mod tests {
         s
     }
 
+    /// The ERROR's `message` and body.
+    fn error_parts(acts: &[Action]) -> (String, String) {
+        acts.iter()
+            .find_map(|a| match a {
+                Action::ToClient(f) if f.command == Command::Error => Some((
+                    f.header("message").unwrap_or_default().to_owned(),
+                    String::from_utf8_lossy(&f.body).into_owned(),
+                )),
+                _ => None,
+            })
+            .expect("an ERROR frame")
+    }
+
     fn error_then_close(acts: &[Action]) -> (String, CloseReason) {
         let msg = acts
             .iter()
@@ -1181,8 +1467,12 @@ mod tests {
             t0,
             Frame::new(Command::Connect).with_header("accept-version", "2.0"),
         );
-        let (msg, reason) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "unsupported STOMP version");
+        let acts = drain(&mut s);
+        let (msg, reason) = error_then_close(&acts);
+        assert_eq!(msg, "Version mismatch");
+        assert!(error_parts(&acts)
+            .1
+            .starts_with("Supported versions are 1.0,1.1,1.2"));
         assert!(matches!(reason, CloseReason::ClientError(_)));
         assert!(s.is_closed());
     }
@@ -1195,8 +1485,9 @@ mod tests {
             t0,
             Frame::new(Command::Send).with_header("destination", "/topic/a"),
         );
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "expected a CONNECT frame");
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Illegal command");
+        assert!(body.contains("expected a CONNECT frame"), "{body}");
     }
 
     #[test]
@@ -1238,8 +1529,9 @@ mod tests {
             );
         }
         let acts = drain(&mut s);
-        let (msg, _) = error_then_close(&acts);
-        assert!(msg.contains("too many frames"), "{msg}");
+        let (msg, body) = error_parts(&acts);
+        assert_eq!(msg, "Limit exceeded: session.max_pending_frames");
+        assert!(body.contains("too many frames"), "{body}");
         assert!(acts.contains(&Action::CloseBroker));
     }
 
@@ -1263,8 +1555,12 @@ mod tests {
                 Frame::new(Command::Send).with_header("destination", dest),
             );
             let acts = drain(&mut s);
-            let (msg, _) = error_then_close(&acts);
-            assert_eq!(msg, want);
+            let (msg, body) = error_parts(&acts);
+            assert!(
+                msg == "Unknown destination" || msg == "Invalid destination",
+                "{msg}"
+            );
+            assert!(body.starts_with(want), "{body} / {want}");
             // The broker leg is closed cleanly, and nothing was relayed.
             assert_eq!(acts[1], Action::ToBroker(Frame::new(Command::Disconnect)));
             assert_eq!(acts[2], Action::CloseBroker);
@@ -1276,8 +1572,9 @@ mod tests {
         let t0 = Instant::now();
         let mut s = connected(t0, "0,0");
         s.handle_client_frame(t0, Frame::new(Command::Send));
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "SEND frame has no destination header");
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Missing destination");
+        assert!(body.contains("SEND frame has no destination header"));
     }
 
     #[test]
@@ -1329,15 +1626,18 @@ mod tests {
         let mut s = connected(t0, "0,0");
         s.handle_client_frame(t0, sub("a"));
         s.handle_client_frame(t0, sub("a"));
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "subscription id \"a\" is already in use");
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Duplicated subscription identifier");
+        assert!(body.starts_with("A subscription identified by 'a' already exists"));
 
         let mut s = connected(t0, "0,0");
         s.handle_client_frame(t0, sub("a"));
         s.handle_client_frame(t0, sub("b"));
         s.handle_client_frame(t0, sub("c"));
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "too many subscriptions (limit 2 per session)");
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Limit exceeded: session.max_subscriptions");
+        assert_eq!(body, "too many subscriptions (limit 2 per session)");
+        assert_eq!(s.limit_hit(), Some("session.max_subscriptions"));
 
         let mut s = connected(t0, "0,0");
         s.handle_client_frame(
@@ -1345,7 +1645,7 @@ mod tests {
             Frame::new(Command::Subscribe).with_header("destination", "/topic/t"),
         );
         let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "SUBSCRIBE frame has no id header");
+        assert_eq!(msg, "Missing header");
     }
 
     #[test]
@@ -1585,7 +1885,7 @@ mod tests {
             panic!()
         };
         assert_eq!(c.header("version"), Some("1.0"));
-        assert_eq!(c.header("heart-beat"), None);
+        assert_eq!(c.header("heart-beat"), Some("0,0"));
         assert_eq!(s.client_heartbeats(), (None, None));
         let sub = Frame::new(Command::Subscribe).with_header("destination", "/topic/x");
         s.handle_client_frame(t0, sub.clone());
@@ -1600,18 +1900,32 @@ mod tests {
         let t0 = Instant::now();
         let mut s = connected(t0, "0,0");
         s.handle_client_decode_error(t0, &DecodeError::FrameTooLarge { limit: 65536 });
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert!(msg.contains("65536"), "{msg}");
+        let acts = drain(&mut s);
+        let (msg, body) = error_parts(&acts);
+        assert_eq!(msg, "Limit exceeded: session.max_frame_size");
+        assert!(body.contains("65536"), "{body}");
+        assert_eq!(s.limit_hit(), Some("session.max_frame_size"));
+
+        let mut s = connected(t0, "0,0");
+        s.handle_client_decode_error(t0, &DecodeError::NulInHeader("x:a\0b".into()));
+        assert_eq!(error_parts(&drain(&mut s)).0, "Invalid header");
+        assert_eq!(s.limit_hit(), None);
+
+        let mut s = connected(t0, "0,0");
+        s.handle_client_decode_error(t0, &DecodeError::UnknownCommand("FOO".into()));
+        assert_eq!(error_parts(&drain(&mut s)).0, "Bad command");
 
         let mut s = connected(t0, "0,0");
         s.handle_client_frame(t0, Frame::new(Command::Message));
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "clients may not send MESSAGE frames");
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Bad command");
+        assert_eq!(body, "clients may not send MESSAGE frames");
 
         let mut s = connected(t0, "0,0");
         s.handle_client_frame(t0, connect_frame("0,0"));
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "already connected");
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Illegal command");
+        assert!(body.contains("already connected"), "{body}");
     }
 
     #[test]
@@ -1729,8 +2043,9 @@ mod tests {
         for _ in 0..3 {
             s.handle_client_frame(t0, send());
         }
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(msg, "too many unconfirmed application messages (limit 2)");
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Limit exceeded: app.max_inflight_per_session");
+        assert!(body.starts_with("too many unconfirmed application messages (limit 2)"));
 
         let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
         s.handle_client_frame(t0, send().with_header("transaction", "tx1"));
@@ -1859,10 +2174,11 @@ mod tests {
                 .with_header("id", "h")
                 .with_header("destination", "/app/chat.history"),
         );
-        let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(
-            msg,
-            "cannot subscribe to application destination \"/app/chat.history\""
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Invalid destination");
+        assert!(
+            body.starts_with("cannot subscribe to application destination \"/app/chat.history\""),
+            "{body}"
         );
     }
 
@@ -1950,5 +2266,211 @@ mod tests {
         let (msg, reason) = error_then_close(&drain(&mut s));
         assert_eq!(msg, "server shutting down");
         assert_eq!(reason.ws_code(), 1001);
+    }
+
+    /// A session whose config is `config()` changed by `f`, through CONNECT
+    /// (with `hb`) and the broker's CONNECTED; returns it and CONNECTED.
+    fn connected_cfg(
+        t0: Instant,
+        hb: &str,
+        f: impl FnOnce(&mut SessionConfig),
+    ) -> (Session, Frame) {
+        let mut cfg = (*config()).clone();
+        f(&mut cfg);
+        let mut s = Session::new(Arc::new(cfg), "s1", t0);
+        s.handle_client_frame(t0, connect_frame(hb));
+        drain(&mut s);
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Connected).with_header("version", "1.2"),
+        );
+        let acts = drain(&mut s);
+        let Some(Action::ToClient(c)) = acts.first() else {
+            panic!("{acts:?}")
+        };
+        (s, c.clone())
+    }
+
+    /// Issue 10's table: the client's wish mirrored (RabbitMQ's way),
+    /// clamped to `client_heartbeat_min_ms`, on the fake clock.
+    #[test]
+    fn heartbeat_negotiation_table() {
+        let t0 = Instant::now();
+        for (hb, answer, interval) in [
+            ("0,0", "0,0", None),
+            ("1,1", "1000,1000", Some(1_000)),
+            ("1000,1000", "1000,1000", Some(1_000)),
+            ("30000,30000", "30000,30000", Some(30_000)),
+        ] {
+            let (mut s, c) = connected_cfg(t0, hb, |c| {
+                c.client_heartbeat = HeartBeat::new(0, 0);
+                c.client_heartbeat_min_ms = 1_000;
+            });
+            assert_eq!(c.header("heart-beat"), Some(answer), "client {hb}");
+            let i = interval.map(|ms| ms * MS);
+            assert_eq!(s.client_heartbeats(), (i, i), "client {hb}");
+            let Some(i) = i else {
+                // No client-leg timer at all (the broker leg keeps its own).
+                assert!(s.poll_timeout().is_none_or(|t| t >= t0 + 5_000 * MS));
+                continue;
+            };
+            // We beat at the interval...
+            s.handle_timeout(t0 + i);
+            assert!(drain(&mut s).contains(&Action::ClientHeartbeat), "{hb}");
+            // ...and a client silent for twice the interval is dead.
+            s.handle_timeout(t0 + i * 2 - MS);
+            assert!(!s.is_closed(), "{hb}");
+            s.handle_timeout(t0 + i * 2);
+            let (msg, reason) = error_then_close(&drain(&mut s));
+            assert_eq!(msg, "heart-beat timeout");
+            assert_eq!(reason, CloseReason::ClientHeartbeatTimeout);
+        }
+    }
+
+    #[test]
+    fn connected_headers_in_rabbitmq_order() {
+        let t0 = Instant::now();
+        let (_, c) = connected_cfg(t0, "1000,1000", |_| {});
+        let names: Vec<&str> = c.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["server", "session", "heart-beat", "version"]);
+    }
+
+    #[test]
+    fn empty_destination_name_is_invalid() {
+        let t0 = Instant::now();
+        for dest in ["/queue", "/queue/", "/topic"] {
+            let mut s = connected(t0, "0,0");
+            s.handle_client_frame(
+                t0,
+                Frame::new(Command::Send).with_header("destination", dest),
+            );
+            assert_eq!(
+                error_parts(&drain(&mut s)).0,
+                "Invalid destination",
+                "{dest}"
+            );
+        }
+    }
+
+    fn begin(tx: &str) -> Frame {
+        Frame::new(Command::Begin).with_header("transaction", tx)
+    }
+
+    #[test]
+    fn open_transactions_are_limited() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_cfg(t0, "0,0", |c| c.max_transactions = 2);
+        s.handle_client_frame(t0, begin("a"));
+        s.handle_client_frame(t0, begin("b"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Commit).with_header("transaction", "a"),
+        );
+        s.handle_client_frame(t0, begin("c"));
+        assert_eq!(s.transaction_count(), 2);
+        assert!(!s.is_closed());
+        drain(&mut s);
+        s.handle_client_frame(t0, begin("d"));
+        let acts = drain(&mut s);
+        let (msg, body) = error_parts(&acts);
+        assert_eq!(msg, "Limit exceeded: session.max_transactions");
+        assert!(body.contains("more than 2 open transactions"), "{body}");
+        assert_eq!(s.limit_hit(), Some("session.max_transactions"));
+        // The refused BEGIN never reached the broker.
+        assert!(!acts.contains(&Action::ToBroker(begin("d"))));
+
+        // BEGIN without a name: RabbitMQ's words.
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, Frame::new(Command::Begin));
+        assert_eq!(error_parts(&drain(&mut s)).0, "Missing transaction");
+    }
+
+    #[test]
+    fn bytes_per_transaction_are_limited() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_cfg(t0, "0,0", |c| c.max_transaction_bytes = 1000);
+        let send = |tx: &str, n: usize| {
+            Frame::new(Command::Send)
+                .with_header("destination", "/queue/q")
+                .with_header("transaction", tx)
+                .with_body(vec![b'x'; n])
+        };
+        s.handle_client_frame(t0, begin("t"));
+        s.handle_client_frame(t0, send("t", 400));
+        s.handle_client_frame(t0, send("t", 400));
+        // ABORT frees the budget; a new transaction starts at zero.
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Abort).with_header("transaction", "t"),
+        );
+        s.handle_client_frame(t0, begin("t"));
+        s.handle_client_frame(t0, send("t", 400));
+        s.handle_client_frame(t0, send("t", 400));
+        assert!(!s.is_closed());
+        drain(&mut s);
+        s.handle_client_frame(t0, send("t", 400));
+        let acts = drain(&mut s);
+        assert_eq!(
+            error_parts(&acts).0,
+            "Limit exceeded: session.max_transaction_bytes"
+        );
+        assert!(!acts
+            .iter()
+            .any(|a| matches!(a, Action::ToBroker(f) if f.command == Command::Send)));
+    }
+
+    #[test]
+    fn sends_per_second_token_bucket() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_cfg(t0, "0,0", |c| {
+            c.max_sends_per_sec = 10;
+            c.send_burst = 5;
+        });
+        let send = Frame::new(Command::Send).with_header("destination", "/queue/q");
+        // A burst of 5, then 10 per second.
+        for _ in 0..5 {
+            s.handle_client_frame(t0, send.clone());
+        }
+        for i in 1..=20u32 {
+            s.handle_client_frame(t0 + 100 * MS * i, send.clone());
+        }
+        assert!(!s.is_closed());
+        drain(&mut s);
+        // Idle for a long time refills only up to the burst.
+        let t1 = t0 + 60_000 * MS;
+        for _ in 0..5 {
+            s.handle_client_frame(t1, send.clone());
+        }
+        assert!(!s.is_closed());
+        drain(&mut s);
+        s.handle_client_frame(t1, send.clone());
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Limit exceeded: session.max_sends_per_sec");
+        assert!(body.contains("more than 10 SENDs per second"), "{body}");
+    }
+
+    #[test]
+    fn a_half_sent_frame_times_out() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_cfg(t0, "0,0", |c| c.frame_timeout = 2_000 * MS);
+        assert_eq!(s.poll_timeout(), None);
+        s.handle_client_partial(t0 + MS, true);
+        // More bytes of the same frame do not restart the clock.
+        s.handle_client_partial(t0 + 1_500 * MS, true);
+        assert_eq!(s.poll_timeout(), Some(t0 + 2_001 * MS));
+        // A completed frame clears it.
+        s.handle_client_partial(t0 + 1_600 * MS, false);
+        assert_eq!(s.poll_timeout(), None);
+        s.handle_client_partial(t0 + 1_700 * MS, true);
+        s.handle_timeout(t0 + 3_699 * MS);
+        assert!(!s.is_closed());
+        s.handle_timeout(t0 + 3_700 * MS);
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Limit exceeded: session.frame_timeout_ms");
+        assert!(body.contains("2000 ms"), "{body}");
+        // Also before CONNECT.
+        let mut s = Session::new(config(), "s", t0);
+        s.handle_client_partial(t0, true);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(3)));
     }
 }

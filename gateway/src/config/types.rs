@@ -133,6 +133,21 @@ pub struct ServerConfig {
     /// On SIGTERM, sessions are closed at jittered moments spread over this
     /// period (ms); 0 closes them all at once.
     pub drain_period_ms: u64,
+    /// A connection must complete its HTTP upgrade request within this time
+    /// (ms), or it gets 408 and is closed (slowloris).
+    pub handshake_timeout_ms: u64,
+    /// Concurrent connections from one client IP, counted from accept
+    /// (0 = unlimited).
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one client IP (token bucket, bursts of
+    /// the same size; 0 = unlimited).
+    pub max_new_connections_per_ip_per_sec: u32,
+    /// Peers whose `X-Forwarded-For` is believed: the client IP is then the
+    /// right-most address not in this list. Exact IP addresses.
+    pub trusted_proxies: Vec<String>,
+    /// Listen backlog of the client listener (the kernel caps it at
+    /// `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 impl Default for ServerConfig {
@@ -150,6 +165,11 @@ impl Default for ServerConfig {
             max_ws_message_size: 256 * 1024,
             pod_id: String::new(),
             drain_period_ms: 20_000,
+            handshake_timeout_ms: 5_000,
+            max_connections_per_ip: 1_000,
+            max_new_connections_per_ip_per_sec: 200,
+            trusted_proxies: Vec::new(),
+            listen_backlog: 4_096,
         }
     }
 }
@@ -158,10 +178,26 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {
-    /// How often the gateway offers to send heart-beats to the client (ms, 0 = never).
+    /// A fixed interval at which the gateway offers to send heart-beats to
+    /// the client (ms); 0 (the default) mirrors the client's wish, as
+    /// RabbitMQ does.
     pub heartbeat_send_ms: u64,
-    /// How often the gateway wants heart-beats from the client (ms, 0 = never).
+    /// A fixed interval at which the gateway wants heart-beats from the
+    /// client (ms); 0 (the default) mirrors what the client offers.
     pub heartbeat_receive_ms: u64,
+    /// Lower bound of every non-zero client heart-beat interval (ms).
+    pub heartbeat_min_ms: u64,
+    /// A frame the client started must be complete within this time (ms).
+    pub frame_timeout_ms: u64,
+    /// Open transactions per session.
+    pub max_transactions: usize,
+    /// Bytes of SENDs inside one open transaction (RabbitMQ holds them in
+    /// memory until COMMIT).
+    pub max_transaction_bytes: usize,
+    /// Sustained SENDs per second per session (0 = unlimited).
+    pub max_sends_per_sec: u32,
+    /// SENDs a session may make in a burst above the sustained rate.
+    pub send_burst: u32,
     /// The client must send CONNECT within this time after the WebSocket opens (ms).
     pub connect_timeout_ms: u64,
     /// Maximum STOMP frame size, headers and body (bytes).
@@ -182,8 +218,14 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
-            heartbeat_send_ms: 10_000,
-            heartbeat_receive_ms: 10_000,
+            heartbeat_send_ms: 0,
+            heartbeat_receive_ms: 0,
+            heartbeat_min_ms: 1_000,
+            frame_timeout_ms: 30_000,
+            max_transactions: 8,
+            max_transaction_bytes: 1024 * 1024,
+            max_sends_per_sec: 20_000,
+            send_burst: 20_000,
             connect_timeout_ms: 10_000,
             max_frame_size: 64 * 1024,
             max_header_count: 64,
@@ -228,6 +270,10 @@ pub struct BrokerConfig {
     pub reconnect_max_ms: u64,
     /// Destination prefixes relayed to the broker.
     pub relay_prefixes: Vec<String>,
+    /// Largest frame accepted from the broker (bytes); RabbitMQ's own
+    /// `stomp.max_frame_size` default. A bigger message ends the session
+    /// with an ERROR that says so.
+    pub max_frame_size: usize,
     /// `[broker.tls]`: TLS to the STOMP plugin (client sessions and the
     /// system link).
     pub tls: TlsConfig,
@@ -277,6 +323,7 @@ impl Default for BrokerConfig {
             client_heartbeat_send_ms: 10_000,
             client_heartbeat_receive_ms: 10_000,
             connect_timeout_ms: 5_000,
+            max_frame_size: 4 * 1024 * 1024,
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,
             relay_prefixes: [

@@ -495,6 +495,16 @@ impl ServerConfig {
                 ),
             ));
         }
+        positive("server.handshake_timeout_ms", self.handshake_timeout_ms)?;
+        positive("server.listen_backlog", u64::from(self.listen_backlog))?;
+        for (i, p) in self.trusted_proxies.iter().enumerate() {
+            if p.trim().parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("{p:?} is not an IP address"),
+                ));
+            }
+        }
         if self.max_ws_message_size < session.max_frame_size {
             return Err(ConfigError::invalid(
                 "server.max_ws_message_size",
@@ -557,6 +567,19 @@ impl SessionConfig {
         positive("session.max_header_line", self.max_header_line as u64)?;
         positive("session.max_subscriptions", self.max_subscriptions as u64)?;
         positive("session.max_pending_frames", self.max_pending_frames as u64)?;
+        positive("session.heartbeat_min_ms", self.heartbeat_min_ms)?;
+        positive("session.frame_timeout_ms", self.frame_timeout_ms)?;
+        positive("session.max_transactions", self.max_transactions as u64)?;
+        positive(
+            "session.max_transaction_bytes",
+            self.max_transaction_bytes as u64,
+        )?;
+        if self.max_sends_per_sec > 0 && self.send_burst == 0 {
+            return Err(ConfigError::invalid(
+                "session.send_burst",
+                "must be greater than 0 when session.max_sends_per_sec is set",
+            ));
+        }
         if self.outbound_buffer_bytes < self.max_frame_size {
             return Err(ConfigError::invalid(
                 "session.outbound_buffer_bytes",
@@ -592,6 +615,12 @@ impl BrokerConfig {
         header_safe("broker.system_login", &self.system_login)?;
         header_safe("broker.system_passcode", &self.system_passcode)?;
         positive("broker.connect_timeout_ms", self.connect_timeout_ms)?;
+        if self.max_frame_size < 1024 {
+            return Err(ConfigError::invalid(
+                "broker.max_frame_size",
+                format!("{} is below the minimum of 1024", self.max_frame_size),
+            ));
+        }
         positive("broker.reconnect_initial_ms", self.reconnect_initial_ms)?;
         if self.reconnect_initial_ms > self.reconnect_max_ms {
             return Err(ConfigError::invalid(
