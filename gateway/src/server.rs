@@ -271,8 +271,23 @@ async fn serve_connection(
     let io = TokioIo::new(stream);
     let svc = service_fn({
         let (shared, slot, got_request) = (shared.clone(), slot.clone(), got_request.clone());
-        move |req| {
+        move |req: Request<Incoming>| {
             got_request.store(true, Ordering::Relaxed);
+            // Only a WebSocket upgrade carries the connection's slot on into
+            // its session. Any other request has now arrived in full: the
+            // slot is released (a SockJS session takes its own), so a
+            // kept-alive connection holds none (its later requests are
+            // bounded by the header read timeout).
+            let path = req.uri().path();
+            let upgrade_endpoint = shared
+                .config
+                .server
+                .endpoints
+                .iter()
+                .any(|e| !e.sockjs && e.path == path);
+            if !upgrade_endpoint {
+                drop(slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+            }
             let (shared, routes, slot) = (shared.clone(), routes.clone(), slot.clone());
             async move {
                 Ok::<_, Infallible>(match routes.serve(req, peer).await {
