@@ -39,7 +39,7 @@ let browser;
 
 before(async () => {
   fs.mkdirSync(ARTIFACTS, { recursive: true });
-  gw = await startGateway('browser-demo');
+  gw = await startGateway('browser-demo', { sockjs: { test_services: 'true' } });
   // playwright-core launches with a fresh temporary profile (user data dir).
   browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: FLAGS });
 });
@@ -106,6 +106,28 @@ for (const { transport, shown } of CASES) {
     }
   });
 }
+
+// The transports Node cannot run (they need a DOM): sockjs-client in the
+// page, against the SockJS test service /echo.
+test('sockjs-client in Chromium over htmlfile, jsonp and the iframe transports', async () => {
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    await page.goto(`${gw.url}/`);
+    for (const transport of ['iframe-htmlfile', 'iframe-eventsource', 'iframe-xhr-polling', 'jsonp-polling', 'eventsource']) {
+      const result = await page.evaluate(([url, t]) => new Promise((resolve) => {
+        const sock = new SockJS(url, null, { transports: [t] });
+        const text = 'héllo \u2028 🎉 "q"';
+        sock.onopen = () => sock.send(text);
+        sock.onmessage = (e) => { resolve({ transport: sock.transport, echoed: e.data === text }); sock.close(); };
+        sock.onclose = (e) => resolve({ closed: e.code, reason: e.reason });
+      }), [`${gw.url}/echo`, transport]);
+      assert.deepEqual(result, { transport, echoed: true }, transport);
+    }
+  } finally {
+    await context.close();
+  }
+});
 
 const MANAGEMENT = 'http://127.0.0.1:15672/api';
 const AUTH = 'Basic ' + Buffer.from('guest:guest').toString('base64');
