@@ -696,6 +696,7 @@ mod tests {
     //! RabbitMQ for the relay leg. (The AMQP control plane points at a port
     //! where nothing listens: it starts down and is not used.)
     use super::*;
+    use crate::admission::Admission;
     use crate::broker_side::{BrokerSide, EmbeddedBrokerSide, TcpBrokerSide};
     use crate::config::Config;
     use crate::embedded::{EmbeddedBroker, OutboxLimits};
@@ -704,7 +705,7 @@ mod tests {
     use crate::settings::Settings;
     use relay_core::{Command, Limits};
     use tokio::io::DuplexStream;
-    use tokio::sync::{watch, Semaphore};
+    use tokio::sync::watch;
     use tokio::task::JoinHandle;
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::WebSocketStream;
@@ -716,7 +717,7 @@ mod tests {
         decoder: Decoder,
         session: JoinHandle<()>,
         shared: Arc<Shared>,
-        permits: Arc<Semaphore>,
+        permits: Arc<Admission>,
         stop: watch::Sender<bool>,
     }
 
@@ -753,8 +754,8 @@ mod tests {
         let mut shared = Shared::new(&settings, health, control, metrics, stopped);
         shared.broker_side = broker_side;
         let shared = Arc::new(shared);
-        let permits = Arc::new(Semaphore::new(1));
-        let permit = permits.clone().try_acquire_owned().unwrap();
+        let permits = Admission::new(1, 0, 0, &[]);
+        let permit = permits.admit_session().unwrap();
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let server = WebSocketStream::from_raw_socket(ours, Role::Server, None).await;
         let client = WebSocketStream::from_raw_socket(theirs, Role::Client, None).await;
@@ -828,7 +829,7 @@ mod tests {
                 .await
                 .expect("the session ends")
                 .unwrap();
-            assert_eq!(self.permits.available_permits(), 1);
+            assert!(self.permits.admit_session().is_some(), "the slot is back");
             assert_eq!(self.shared.health.active_sessions(), 0);
         }
     }
@@ -925,7 +926,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(h.permits.available_permits(), 1);
+        assert!(h.permits.admit_session().is_some(), "the slot is back");
         assert_eq!(h.shared.health.active_sessions(), 0);
         // The broker saw the leg close and forgot the subscription.
         let deadline = tokio::time::Instant::now() + WAIT;
