@@ -6,9 +6,12 @@
 //! rules), [`heartbeat`] negotiates heart-beats, [`hub`] is the local fan-out table
 //! (who subscribed to what, one encoding per message), and
 //! [`session::Session`] is the per-client relay state machine (inputs plus
-//! the current time in, actions out). The `gateway` crate does the I/O.
+//! the current time in, actions out), with [`barrier`] keeping a session's
+//! application publishes behind its earlier SUBSCRIBEs. The `gateway` crate
+//! does the I/O.
 #![forbid(unsafe_code)]
 
+pub mod barrier;
 pub mod codec;
 pub mod destination;
 pub mod frame;

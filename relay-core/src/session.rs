@@ -18,6 +18,7 @@
 //! The decision "which path serves this frame" is made in one place,
 //! [`Session::route_client_frame`], using [`crate::destination::Router`].
 
+use crate::barrier::{ReceiptFor, SubscribeBarrier};
 use crate::destination::{self, Route, Router};
 use crate::frame::{Command, Frame, Version};
 use crate::heartbeat::{self, HeartBeat};
@@ -277,6 +278,8 @@ pub struct Session {
     partial_since: Option<Instant>,
     /// The limit that ended the session, if one did (for the metric).
     limit_hit: Option<&'static str>,
+    /// Application SENDs held until the SUBSCRIBEs before them took effect.
+    barrier: SubscribeBarrier<Frame>,
 }
 
 impl Session {
@@ -287,6 +290,7 @@ impl Session {
         now: Instant,
     ) -> Session {
         let burst = f64::from(config.send_burst);
+        let barrier = SubscribeBarrier::new(config.broker_timeout);
         Session {
             config,
             id: id.into(),
@@ -318,6 +322,7 @@ impl Session {
             tokens_at: now,
             partial_since: None,
             limit_hit: None,
+            barrier,
         }
     }
 
@@ -379,7 +384,7 @@ impl Session {
                         Frame::new(Command::Receipt).with_header("receipt-id", r),
                     );
                 }
-                if self.inflight.is_empty() {
+                if self.inflight.is_empty() && self.barrier.held() == 0 {
                     if let Some(d) = self.deferred_disconnect.take() {
                         self.route_client_frame(now, d);
                     } else if self.drain_requested && self.state == State::Connected {
@@ -539,7 +544,7 @@ impl Session {
             State::AwaitingConnect | State::ConnectingBroker => self.handle_shutdown(now),
             State::Connected => {
                 self.drain_requested = true;
-                if self.inflight.is_empty() {
+                if self.inflight.is_empty() && self.barrier.held() == 0 {
                     self.start_drain(now);
                 }
             }
@@ -566,6 +571,10 @@ impl Session {
     /// A frame arrived from the broker.
     pub fn handle_broker_frame(&mut self, now: Instant, frame: Frame) {
         self.last_broker_rx = now;
+        let live = !matches!(self.state, State::Closed | State::AwaitingConnect);
+        if live && frame.command == Command::Receipt && self.subscribe_receipt(now, &frame) {
+            return;
+        }
         match (&self.state, frame.command) {
             (State::ConnectingBroker, Command::Connected) => self.on_broker_connected(now, frame),
             (State::Closed, _) | (State::AwaitingConnect, _) => {}
@@ -666,7 +675,11 @@ impl Session {
             State::ConnectingBroker | State::Disconnecting { .. } | State::Draining { .. } => {
                 consider(self.phase_started + self.config.broker_timeout)
             }
-            State::Connected => {}
+            State::Connected => {
+                if let Some(t) = self.barrier.deadline() {
+                    consider(t);
+                }
+            }
         }
         if let Some(t) = self.partial_since {
             consider(t + self.config.frame_timeout);
@@ -747,7 +760,17 @@ impl Session {
                     return;
                 }
             }
-            State::Connected => {}
+            State::Connected => {
+                if self.barrier.deadline().is_some_and(|t| now >= t) {
+                    // The broker is slow to confirm a SUBSCRIBE: stop
+                    // holding the SENDs behind it.
+                    self.barrier.expire(now);
+                    self.release_held(now);
+                    if self.state != State::Connected {
+                        return;
+                    }
+                }
+            }
         }
         if let Some(i) = self.client_receive {
             if now >= self.last_client_rx + heartbeat::receive_deadline(i) {
@@ -929,7 +952,7 @@ impl Session {
                 }
                 match self.config.router.route(dest) {
                     Route::Relay => self.emit_broker(now, frame),
-                    Route::App if self.config.control_plane => self.on_app_send(now, frame),
+                    Route::App if self.config.control_plane => self.hold_or_publish(now, frame),
                     Route::User if self.config.control_plane => self.on_user_send(now, frame),
                     route => self.reject_route(now, route, dest.to_owned()),
                 }
@@ -944,7 +967,7 @@ impl Session {
                 self.emit_broker(now, frame)
             }
             Command::Ack | Command::Nack => self.emit_broker(now, frame),
-            Command::Disconnect if !self.inflight.is_empty() => {
+            Command::Disconnect if !self.inflight.is_empty() || self.barrier.held() > 0 => {
                 // Answer only once every application publish is confirmed.
                 self.deferred_disconnect = Some(frame);
             }
@@ -1034,7 +1057,67 @@ impl Session {
             route => return self.reject_route(now, route, dest),
         }
         self.subscriptions.insert(key);
+        if self.config.control_plane {
+            // Application SENDs after this wait for its receipt.
+            let receipt = self.barrier.subscribe(now, frame.header("receipt"));
+            frame.set_header("receipt", receipt);
+        }
         self.emit_broker(now, frame);
+    }
+
+    /// An application SEND goes out now, or waits behind the SUBSCRIBEs
+    /// sent before it (see [`crate::barrier`]), at most
+    /// `max_pending_frames` of them.
+    fn hold_or_publish(&mut self, now: Instant, frame: Frame) {
+        if !self.barrier.must_hold() {
+            return self.on_app_send(now, frame);
+        }
+        if self.barrier.held() >= self.config.max_pending_frames {
+            let limit = self.config.max_pending_frames;
+            return self.client_error(
+                now,
+                "too many application messages waiting for a subscription",
+                format!(
+                    "at most {limit} SENDs are held until the broker confirms the SUBSCRIBEs before them"
+                ),
+            );
+        }
+        self.barrier.hold(frame);
+    }
+
+    /// A RECEIPT from the broker: true when it was for a SUBSCRIBE the
+    /// barrier waited for and the gateway's own (not relayed). Releases the
+    /// application SENDs it held back.
+    fn subscribe_receipt(&mut self, now: Instant, frame: &Frame) -> bool {
+        let kind = match frame.header("receipt-id") {
+            Some(id) => self.barrier.on_receipt(id),
+            None => ReceiptFor::Other,
+        };
+        if kind == ReceiptFor::Other {
+            return false;
+        }
+        if kind == ReceiptFor::ClientSubscribe {
+            self.emit_client(now, frame.clone());
+        }
+        self.release_held(now);
+        true
+    }
+
+    /// Publishes the held application SENDs that may go now.
+    fn release_held(&mut self, now: Instant) {
+        while self.state == State::Connected {
+            let Some(frame) = self.barrier.release() else {
+                break;
+            };
+            self.on_app_send(now, frame);
+        }
+        if self.barrier.held() == 0 && self.inflight.is_empty() && self.state == State::Connected {
+            if let Some(d) = self.deferred_disconnect.take() {
+                self.route_client_frame(now, d);
+            } else if self.drain_requested {
+                self.start_drain(now);
+            }
+        }
     }
 
     fn on_unsubscribe(&mut self, now: Instant, frame: Frame) {
@@ -2012,6 +2095,117 @@ mod tests {
         );
         assert_eq!(s.inflight_publishes(), 0);
         assert_eq!(s.principal(), "session-s9");
+    }
+
+    fn subscribe(id: &str) -> Frame {
+        Frame::new(Command::Subscribe)
+            .with_header("id", id)
+            .with_header("destination", "/exchange/adme.exchange/room.42")
+    }
+
+    fn app_send(body: &str) -> Frame {
+        Frame::new(Command::Send)
+            .with_header("destination", "/app/chat.sendMessage")
+            .with_body(body.to_owned())
+    }
+
+    fn receipt(id: &str) -> Frame {
+        Frame::new(Command::Receipt).with_header("receipt-id", id)
+    }
+
+    #[test]
+    fn app_sends_wait_for_the_subscribe_before_them() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        // SUBSCRIBE without a receipt gets one of the gateway's own.
+        s.handle_client_frame(t0, subscribe("sub-0"));
+        let acts = drain(&mut s);
+        let [Action::ToBroker(sub)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        let own = sub.header("receipt").unwrap().to_owned();
+        assert!(own.starts_with("stomp-gateway-sub-"), "{own}");
+        // The SENDs right after it are held...
+        s.handle_client_frame(t0, app_send("hello"));
+        s.handle_client_frame(t0, app_send("again"));
+        assert_eq!(drain(&mut s), vec![]);
+        // ...a DISCONNECT waits behind them...
+        s.handle_client_frame(t0, Frame::new(Command::Disconnect));
+        assert_eq!(drain(&mut s), vec![]);
+        // ...until RabbitMQ confirms the SUBSCRIBE; the client never sees
+        // the gateway's receipt, and the SENDs go out in order.
+        s.handle_broker_frame(t0, receipt(&own));
+        let acts = drain(&mut s);
+        let bodies: Vec<&[u8]> = acts
+            .iter()
+            .map(|a| match a {
+                Action::Publish(p) => &p.body[..],
+                other => panic!("only publishes: {other:?}"),
+            })
+            .collect();
+        assert_eq!(bodies, [&b"hello"[..], &b"again"[..]]);
+        // The DISCONNECT follows the confirms.
+        s.handle_publish_result(t0, 1, Ok(()));
+        s.handle_publish_result(t0, 2, Ok(()));
+        assert!(drain(&mut s).contains(&Action::ToBroker(Frame::new(Command::Disconnect))));
+    }
+
+    #[test]
+    fn a_clients_subscribe_receipt_is_relayed_and_releases_the_sends() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(t0, subscribe("sub-0").with_header("receipt", "mine"));
+        let acts = drain(&mut s);
+        let [Action::ToBroker(sub)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(sub.header("receipt"), Some("mine"));
+        s.handle_client_frame(t0, app_send("hello"));
+        assert_eq!(drain(&mut s), vec![]);
+        s.handle_broker_frame(t0, receipt("mine"));
+        let acts = drain(&mut s);
+        assert_eq!(acts[0], Action::ToClient(receipt("mine")), "{acts:?}");
+        assert!(matches!(acts[1], Action::Publish(_)), "{acts:?}");
+        // With nothing awaited, SENDs go out at once; relay SENDs never wait.
+        s.handle_client_frame(t0, app_send("now"));
+        assert!(matches!(drain(&mut s).as_slice(), [Action::Publish(_)]));
+    }
+
+    #[test]
+    fn the_hold_is_bounded_by_the_broker_timeout_and_the_pending_limit() {
+        let t0 = Instant::now();
+        let cfg = cp_config(None, false);
+        let timeout = cfg.broker_timeout;
+        let limit = cfg.max_pending_frames;
+        let (mut s, _) = connected_with(cfg.clone(), t0, connect_frame("0,0"));
+        s.handle_client_frame(t0, subscribe("sub-0"));
+        let own = match drain(&mut s).as_slice() {
+            [Action::ToBroker(f)] => f.header("receipt").unwrap().to_owned(),
+            other => panic!("{other:?}"),
+        };
+        s.handle_client_frame(t0, app_send("hello"));
+        assert_eq!(s.poll_timeout(), Some(t0 + timeout));
+        s.handle_timeout(t0 + timeout - Duration::from_millis(1));
+        assert_eq!(drain(&mut s), vec![]);
+        // No receipt in time: the SEND goes out anyway.
+        s.handle_timeout(t0 + timeout);
+        assert!(matches!(drain(&mut s).as_slice(), [Action::Publish(_)]));
+        // The late receipt is the gateway's: swallowed.
+        s.handle_broker_frame(t0 + timeout, receipt(&own));
+        assert_eq!(drain(&mut s), vec![]);
+
+        // More held SENDs than the limit: an ERROR naming it.
+        let (mut s, _) = connected_with(cfg, t0, connect_frame("0,0"));
+        s.handle_client_frame(t0, subscribe("sub-0"));
+        for _ in 0..=limit {
+            s.handle_client_frame(t0, app_send("x"));
+        }
+        let acts = drain(&mut s);
+        let (msg, _) = error_then_close(&acts[1..]);
+        assert_eq!(
+            msg,
+            "too many application messages waiting for a subscription"
+        );
     }
 
     #[test]

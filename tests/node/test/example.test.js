@@ -186,6 +186,59 @@ after(async () => {
   }
 });
 
+/** An in-process @stomp/stompjs client for `user`, connected. */
+async function stompClient(user) {
+  const { Client } = require('@stomp/stompjs');
+  const { devToken } = await import(path.join(EXAMPLE, 'token.mjs'));
+  globalThis.WebSocket ??= require('ws');
+  const client = new Client({
+    brokerURL: wsUrl,
+    connectHeaders: { Authorization: `Bearer ${devToken(user, JWT_SECRET)}` },
+    reconnectDelay: 0,
+    debug: () => {},
+  });
+  return client;
+}
+
+// The issue's race, 50 times in a row on each path: SUBSCRIBE, then at once
+// (in the same onConnect, as the README's client and most stompjs code do)
+// a SEND whose message comes back to that subscription. Through the relay
+// the SEND shares the session's broker connection with the SUBSCRIBE;
+// through /app it goes over AMQP, and the gateway holds it until RabbitMQ
+// confirmed the SUBSCRIBE. Every run must receive its own message.
+const RUNS = 50;
+for (const via of ['relay', 'app']) {
+  test(`subscribe then publish in one onConnect, ${RUNS} times via ${via}: every run gets its own message`, async () => {
+    const missed = [];
+    for (let i = 0; i < RUNS; i++) {
+      const room = `c${via}${i}`;
+      const content = `hello ${via} ${i} ${suffix}`;
+      const client = await stompClient('causal');
+      const got = new Promise((resolve, reject) => {
+        client.onConnect = () => {
+          client.subscribe(`/exchange/${names.chatExchange}/room.${room}`, (m) => {
+            if (JSON.parse(m.body).content === content) resolve();
+          });
+          const body = JSON.stringify({ roomId: room, sender: 'causal', content, type: 'CHAT' });
+          client.publish(
+            via === 'relay'
+              ? { destination: `/exchange/${names.chatExchange}/room.${room}`, body }
+              : { destination: '/app/chat.sendMessage', headers: { 'content-type': 'application/json' }, body },
+          );
+        };
+        client.onStompError = (f) => reject(new Error(`STOMP ERROR: ${f.headers.message} ${f.body}`));
+      });
+      client.activate();
+      // A message that would arrive at all arrives within milliseconds; a
+      // lost one never does.
+      const timer = new Promise((resolve) => setTimeout(() => resolve('missed'), 3000).unref());
+      if ((await Promise.race([got, timer])) === 'missed') missed.push(i);
+      await client.deactivate();
+    }
+    assert.deepEqual(missed, [], `runs that missed their own message via ${via}`);
+  });
+}
+
 test('the README example: rooms, the backend, and the publish API for alice', async () => {
   const alice = chatClient('alice', '42');
   const bob = chatClient('bob', '42');
@@ -200,6 +253,11 @@ test('the README example: rooms, the backend, and the publish API for alice', as
     (await bindingCount(names.chatExchange, 'room.7')) === 1 &&
     (await bindingCount(names.userExchange, 'alice.queue.notifications')) === 1,
   );
+
+  // Each client's hello (published right after its SUBSCRIBE) reached it.
+  await alice.waitFor('room 42: alice: hello');
+  await bob.waitFor('room 42: bob: hello');
+  await carol.waitFor('room 7: carol: hello');
 
   // Two clients in room 42 see each other.
   alice.type('hi bob');
