@@ -6,6 +6,7 @@
 //! Origin checks and the connection limit apply to SockJS sessions exactly
 //! as to WebSocket upgrades: one permit per session, for its whole life.
 
+use crate::config::Config;
 use crate::metrics::Rejection;
 use crate::sockjs::{self, Body, Counters, Handler, OpenInfo, Refused, Service};
 use crate::state::Shared;
@@ -77,17 +78,7 @@ impl Routes {
     pub fn new(shared: &Arc<Shared>) -> Result<Routes, prometheus::Error> {
         let config = &shared.config;
         let counters = Counters::new(Some(shared.metrics.registry()))?;
-        let c = &config.sockjs;
-        let settings = sockjs::Settings {
-            heartbeat: Duration::from_millis(c.heartbeat_time_ms),
-            disconnect_delay: Duration::from_millis(c.disconnect_delay_ms),
-            stream_bytes_limit: c.stream_bytes_limit,
-            session_cookie_needed: c.session_cookie_needed,
-            websocket_enabled: c.websocket_enabled,
-            client_library_url: c.client_library_url.clone(),
-            max_message_size: config.server.max_ws_message_size,
-            session_buffer_bytes: config.session.outbound_buffer_bytes,
-        };
+        let settings = sockjs_settings(config);
         let handler: Arc<dyn Handler> = Arc::new(StompHandler {
             shared: shared.clone(),
         });
@@ -106,7 +97,7 @@ impl Routes {
                 (e.path.clone(), svc)
             })
             .collect();
-        if c.test_services {
+        if config.sockjs.test_services {
             for (path, h, s) in sockjs::services::all(&settings) {
                 services.push((
                     path.to_owned(),
@@ -160,6 +151,22 @@ impl Routes {
     }
 }
 
+/// The SockJS settings of the configuration (`[sockjs]`, with the message
+/// size and per-session buffer of the WebSocket endpoints).
+pub fn sockjs_settings(config: &Config) -> sockjs::Settings {
+    let c = &config.sockjs;
+    sockjs::Settings {
+        heartbeat: Duration::from_millis(c.heartbeat_time_ms),
+        disconnect_delay: Duration::from_millis(c.disconnect_delay_ms),
+        stream_bytes_limit: c.stream_bytes_limit,
+        session_cookie_needed: c.session_cookie_needed,
+        websocket_enabled: c.websocket_enabled,
+        client_library_url: c.client_library_url.clone(),
+        max_message_size: config.server.max_ws_message_size,
+        session_buffer_bytes: config.session.outbound_buffer_bytes,
+    }
+}
+
 fn static_response(content_type: &'static str, body: Bytes, cacheable: bool) -> Response<Body> {
     let mut r = Response::new(BoxBody::new(Full::new(body)));
     *r.status_mut() = StatusCode::OK;
@@ -174,4 +181,21 @@ fn static_response(content_type: &'static str, body: Bytes, cacheable: bool) -> 
         }),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockjs_defaults_are_springs() {
+        let s = sockjs_settings(&Config::default());
+        assert_eq!(s.heartbeat, Duration::from_secs(25));
+        assert_eq!(s.disconnect_delay, Duration::from_secs(5));
+        assert_eq!(s.stream_bytes_limit, 128 * 1024);
+        assert!(!s.session_cookie_needed);
+        assert!(s.websocket_enabled);
+        assert_eq!(s.client_library_url, "/assets/sockjs.min.js");
+        assert!(crate::demo::asset(&s.client_library_url).is_some());
+    }
 }
