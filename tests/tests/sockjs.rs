@@ -1134,3 +1134,70 @@ async fn demo_page_and_its_scripts_and_the_setting_that_turns_it_off() -> Result
     assert_eq!(get(&a, "/assets/sockjs.min.js").await?.0.status, 404);
     Ok(())
 }
+
+/// Sends `frames` (STOMP frames) through `xhr_send`.
+async fn xhr_send_frames(addr: &str, url: &str, frames: &[&str]) -> Result<()> {
+    let (h, b) = post(
+        addr,
+        &format!("{url}/xhr_send"),
+        &serde_json::to_string(frames)?,
+    )
+    .await?;
+    ensure!(h.status == 204, "xhr_send: {} {b}", h.status);
+    Ok(())
+}
+
+/// Reads stream chunks until one contains `what`.
+async fn until_chunk(r: &mut Exchange, what: &str) -> Result<String> {
+    loop {
+        match r.chunk().await? {
+            Some(c) if c.contains(what) => return Ok(c),
+            Some(_) => {}
+            None => bail!("stream ended before {what:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn stomp_over_xhr_streaming_and_the_drain_on_sigterm() -> Result<()> {
+    let gw = builder("sockjs_stomp_drain")
+        .set("server", "drain_period_ms", "0")
+        .start()
+        .await;
+    let a = addr(&gw);
+    let url = format!("/stomp/000/{}", sid());
+    let mut r =
+        Exchange::open(&a, "POST", &format!("{url}/xhr_streaming"), &[], b"", false).await?;
+    r.chunk().await?;
+    assert_eq!(r.chunk().await?.as_deref(), Some("o\n"));
+    xhr_send_frames(
+        &a,
+        &url,
+        &["CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n\n\0"],
+    )
+    .await?;
+    until_chunk(&mut r, "a[\"CONNECTED\\n").await?;
+    // A round trip through RabbitMQ: SUBSCRIBE with a receipt, SEND, MESSAGE.
+    let dest = format!("/topic/{}", unique("sockjs"));
+    xhr_send_frames(
+        &a,
+        &url,
+        &[&format!(
+            "SUBSCRIBE\nid:0\ndestination:{dest}\nreceipt:r1\n\n\0"
+        )],
+    )
+    .await?;
+    until_chunk(&mut r, "receipt-id:r1").await?;
+    xhr_send_frames(&a, &url, &[&format!("SEND\ndestination:{dest}\n\nhé 🎉\0")]).await?;
+    let m = until_chunk(&mut r, "MESSAGE").await?;
+    assert!(m.contains("hé 🎉"), "{m}");
+    // SIGTERM: the session gets an ERROR, then the SockJS close frame 1001.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(gw.pid())?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    until_chunk(&mut r, "a[\"ERROR\\n").await?;
+    let c = until_chunk(&mut r, "c[").await?;
+    assert!(c.starts_with("c[1001,"), "{c}");
+    Ok(())
+}
