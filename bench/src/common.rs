@@ -59,6 +59,10 @@ pub struct Common {
     /// Exit with status 2 if the run's checks fail (see "check" in the JSON).
     #[arg(long)]
     pub strict: bool,
+    /// Record RabbitMQ's connection and queue counts before, during (max)
+    /// and after the run (`rabbitmqctl eval` on the local node).
+    #[arg(long)]
+    pub rabbitmq_counts: bool,
     /// Largest STOMP frame the client accepts (bytes).
     #[arg(long, default_value_t = 65536)]
     pub max_frame_size: usize,

@@ -42,6 +42,12 @@ pub struct IdleArgs {
     /// negotiated server heart-beat periods.
     #[arg(long, default_value_t = 3.0)]
     pub missed_heartbeats: f64,
+    /// Each session also holds one subscription (ack:auto) to this
+    /// destination; `{i}` is replaced by the session number. Measures idle
+    /// *subscribed* sessions (on the shared path or the embedded broker,
+    /// many sessions on one topic cost the broker nothing more).
+    #[arg(long, value_name = "DESTINATION")]
+    pub subscribe: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +101,7 @@ impl IdleArgs {
             let (ctx, sem, opened_tx, mut stop) =
                 (ctx.clone(), sem.clone(), opened_tx.clone(), stop_rx.clone());
             let c = c.clone();
+            let subscribe = self.subscribe.clone();
             tasks.push(tokio::spawn(async move {
                 let permit = sem.acquire().await;
                 let session = client::connect(&ctx.opts, ctx.sources.pick(i)).await;
@@ -108,6 +115,15 @@ impl IdleArgs {
                         return false;
                     }
                 };
+                if let Some(dest) = &subscribe {
+                    let dest = dest.replace("{i}", &i.to_string());
+                    if let Err(e) = subscribe_one(&mut session, &dest).await {
+                        c.failed.fetch_add(1, Relaxed);
+                        ctx.error(format!("session {i}: SUBSCRIBE {dest}: {e:#}"));
+                        let _ = opened_tx.send(false);
+                        return false;
+                    }
+                }
                 ctx.note_session(&session.info);
                 c.up.fetch_add(1, Relaxed);
                 let _ = opened_tx.send(true);
@@ -240,6 +256,7 @@ impl IdleArgs {
             "hold_s": self.hold,
             "settle_s": self.settle,
             "missed_heartbeats": self.missed_heartbeats,
+            "subscribe": self.subscribe,
             "connection": ctx.connection_json(),
         });
         let results = json!({
@@ -264,4 +281,20 @@ impl IdleArgs {
             failures,
         })
     }
+}
+
+/// SUBSCRIBE (ack:auto) with a receipt, and wait for it.
+async fn subscribe_one(session: &mut client::Session, destination: &str) -> Result<()> {
+    let f = relay_core::Frame::new(Command::Subscribe)
+        .with_header("id", "idle-0")
+        .with_header("destination", destination)
+        .with_header("ack", "auto")
+        .with_header("receipt", "idle-sub");
+    session.writer.send(&f).await?;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        session.reader.wait_receipt("idle-sub", |_| {}),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no RECEIPT within 30 s"))?
 }

@@ -11,6 +11,7 @@ mod idle;
 mod net;
 mod procstat;
 mod progress;
+mod rabbit;
 mod report;
 mod stats;
 mod storm;
@@ -97,13 +98,21 @@ async fn scenario(cmd: Cmd) -> Result<ExitCode> {
     };
     let ctx = Arc::new(Ctx::new(common, hb, buf).await?);
     progress::note(name, &format!("target {}", ctx.opts.url));
-    let outcome: Outcome = match &cmd {
+    let sampler = if common.rabbitmq_counts {
+        Some(rabbit::Sampler::start(std::time::Duration::from_secs(3)).await)
+    } else {
+        None
+    };
+    let mut outcome: Outcome = match &cmd {
         Cmd::Throughput(a) => a.run(&ctx).await?,
         Cmd::Fanout(a) => a.run(&ctx).await?,
         Cmd::ConnectStorm(a) => a.run(&ctx).await?,
         Cmd::Idle(a) => a.run(&ctx).await?,
         Cmd::Report(_) | Cmd::FreePort => unreachable!("handled before the runtime starts"),
     };
+    if let Some(s) = sampler {
+        outcome.results["rabbitmq"] = s.finish().await;
+    }
     let ok = outcome.failures.is_empty();
     let out = json!({
         "tool": "stomp-load",

@@ -179,6 +179,10 @@ struct Shared {
     window_end: AtomicU64,
     subscribed: AtomicUsize,
     publishers_up: AtomicUsize,
+    /// One publisher (fan-out): per sequence number, the latest delivery
+    /// latency over all subscribers (ns) of messages sent in the window, so
+    /// the report has publish-to-last-subscriber latency. Empty otherwise.
+    last_latency: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -262,6 +266,14 @@ async fn run(ctx: &Arc<Ctx>, p: Params, dest_name: impl Fn(usize) -> String) -> 
         window_end: AtomicU64::new(u64::MAX),
         subscribed: AtomicUsize::new(0),
         publishers_up: AtomicUsize::new(0),
+        last_latency: match (p.publishers, p.rate) {
+            (1, Some(rate)) => {
+                // Every sequence number the publisher can reach, with room.
+                let n = (rate * (r.warmup + r.duration + 1.0) * 1.5) as usize + 1_000;
+                (0..n).map(|_| AtomicU64::new(0)).collect()
+            }
+            _ => Vec::new(),
+        },
     });
     let mut monitor = Monitor::new(&ctx.watched);
     monitor.sample("before");
@@ -509,6 +521,17 @@ async fn run(ctx: &Arc<Ctx>, p: Params, dest_name: impl Fn(usize) -> String) -> 
         },
         "latency_scope": "messages sent inside the measurement window, all subscribers",
         "latency_ms": stats::summary_ms(&hist),
+        "last_subscriber_latency_scope": "one publisher: per message sent in the window, the latency of its last delivery",
+        "last_subscriber_latency_ms": if shared.last_latency.is_empty() { Value::Null } else {
+            let mut last = stats::new_histogram();
+            for l in &shared.last_latency {
+                let v = l.load(Relaxed);
+                if v > 0 {
+                    last.saturating_record(v);
+                }
+            }
+            stats::summary_ms(&last)
+        },
         "latency_distribution_ms": stats::distribution_ms(&hist),
         "errors": ctx.errors_json(),
         "processes": processes,
@@ -615,7 +638,11 @@ async fn subscriber(
                     match parse_body(&f.body) {
                         Some((ts, publisher, seq)) => {
                             if ts >= ws && ts < we {
-                                res.hist.saturating_record(now.saturating_sub(ts).max(1));
+                                let latency = now.saturating_sub(ts).max(1);
+                                res.hist.saturating_record(latency);
+                                if let Some(last) = usize::try_from(seq).ok().and_then(|s| shared.last_latency.get(s)) {
+                                    last.fetch_max(latency, Relaxed);
+                                }
                             }
                             match last_seq.get_mut(publisher) {
                                 Some(last) if seq > *last => *last = seq,
