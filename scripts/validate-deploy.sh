@@ -216,6 +216,7 @@ cat > "$TMP/scrape.toml" <<TOML
 listen = "127.0.0.1:$P1"
 admin_listen = "127.0.0.1:$P2"
 [broker]
+mode = "relay"
 addresses = ["127.0.0.1:9"]
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:9/%2f"

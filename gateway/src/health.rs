@@ -29,6 +29,8 @@ pub struct Health {
     broker_tls: AtomicBool,
     /// This process's name (`Config::pod_id`), once someone set it.
     pod_id: Mutex<Option<String>>,
+    /// `broker.mode = "embedded"`: no system link, readiness does not need one.
+    embedded: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +127,21 @@ impl Health {
         lock(&self.pod_id).clone()
     }
 
+    /// This process runs the embedded broker (`broker.mode = "embedded"`):
+    /// there is no system link, and readiness does not wait for one.
+    pub fn set_embedded(&self) {
+        self.embedded.store(true, Ordering::SeqCst);
+    }
+
+    /// `"embedded"` or `"relay"`.
+    pub fn mode(&self) -> &'static str {
+        if self.embedded.load(Ordering::SeqCst) {
+            "embedded"
+        } else {
+            "relay"
+        }
+    }
+
     /// Whether the AMQP control plane is up.
     pub fn amqp_up(&self) -> bool {
         self.amqp_up.load(Ordering::SeqCst)
@@ -168,16 +185,16 @@ impl Health {
         self.active_sessions.load(Ordering::Relaxed)
     }
 
-    /// Ready for traffic: the system link is up, the AMQP control plane is up
-    /// (if one reports here) and not shutting down.
+    /// Ready for traffic: the system link is up (relay mode), the AMQP
+    /// control plane is up (if one reports here) and not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.system_link_up()
+        (self.system_link_up() || self.embedded.load(Ordering::SeqCst))
             && (!self.amqp_enabled() || self.amqp_up())
             && !self.is_shutting_down()
     }
 
     /// The `/readyz` body:
-    /// `{"ready", "pod_id", "system_link": {"up", "address", "tls", "last_error"},
+    /// `{"ready", "mode", "pod_id", "system_link": {"up", "address", "tls", "last_error"},
     /// "amqp": {"enabled", "up", "node", "last_error"}, "active_sessions", "shutting_down"}`.
     pub fn details(&self) -> serde_json::Value {
         let (address, last_error) = {
@@ -186,6 +203,7 @@ impl Health {
         };
         json!({
             "ready": self.is_ready(),
+            "mode": self.mode(),
             "pod_id": self.pod_id(),
             "system_link": {
                 "up": self.system_link_up(),
@@ -266,6 +284,19 @@ mod tests {
     }
 
     #[test]
+    fn embedded_mode_is_ready_without_a_system_link() {
+        let h = Health::new();
+        h.set_embedded();
+        assert!(h.is_ready());
+        assert_eq!(h.details()["mode"], "embedded");
+        h.set_amqp_down("refused");
+        assert!(!h.is_ready(), "an explicit control plane still counts");
+        h.set_amqp_up();
+        h.set_shutting_down();
+        assert!(!h.is_ready());
+    }
+
+    #[test]
     fn session_counter_never_underflows() {
         let h = Health::new();
         h.session_closed();
@@ -286,6 +317,7 @@ mod tests {
             d,
             json!({
                 "ready": false,
+                "mode": "relay",
                 "pod_id": null,
                 "system_link": {"up": false, "address": null, "tls": false, "last_error": "refused"},
                 "amqp": {"enabled": false, "up": false, "node": null, "last_error": null},

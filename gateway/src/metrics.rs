@@ -24,6 +24,8 @@ pub struct Metrics {
     pub app_published: IntCounter,
     pub app_failed: IntCounter,
     pub backpressure_pauses: IntCounter,
+    /// Sessions dropped by the local hub for not reading their messages.
+    pub slow_consumers: IntCounter,
     rejected: IntCounterVec,
     limit_hits: IntCounterVec,
     sessions_active: IntGauge,
@@ -134,6 +136,10 @@ impl Metrics {
             backpressure_pauses: counter(
                 "backpressure_pauses_total",
                 "Times a session stopped reading its broker connection because its client was slow",
+            )?,
+            slow_consumers: counter(
+                "slow_consumers_total",
+                "Sessions closed with ERROR 'slow consumer': their queue of hub messages went over hub.max_queued_bytes or hub.max_queued_ms",
             )?,
             sessions_active: gauge("sessions_active", "Client sessions open now")?,
             system_link_up: gauge(

@@ -8,6 +8,7 @@
 
 use crate::admission::{Refusal, Ticket};
 use crate::amqp::{ControlPlane, ControlPlaneError};
+use crate::config::BrokerMode;
 use crate::health::Health;
 use crate::metrics::{Metrics, Rejection};
 use crate::settings::Settings;
@@ -62,11 +63,23 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         "client listener",
     )?;
     let admin = bind(&config.server.admin_listen, "admin listener").await?;
+    let embedded = config.broker.mode == BrokerMode::Embedded;
+    if embedded {
+        health.set_embedded();
+        info!(
+            "broker.mode = \"embedded\": the gateway is its own broker (/topic/ pub-sub, /queue/ round-robin, ack:auto only); \
+             single node: sessions on other gateway processes do not see these messages; set broker.mode = \"relay\" to use RabbitMQ"
+        );
+    }
     // Declares the topology first: a conflict stops start-up here.
     // The control plane closes after the sessions drained (they may still
     // publish and wait for confirms), not on the shutdown signal itself.
     let (control_stop, control_stopped) = watch::channel(false);
-    let control = ControlPlane::start(&settings, health.clone(), control_stopped).await?;
+    let control = if config.control_plane_enabled() {
+        ControlPlane::start(&settings, health.clone(), control_stopped).await?
+    } else {
+        ControlPlane::off(&settings, health.clone())?
+    };
     let shared = Arc::new(Shared::new(
         &settings,
         health.clone(),
@@ -81,6 +94,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         admin = %local(&admin),
         endpoints = ?config.server.endpoints.iter().filter(|e| !e.sockjs).map(|e| e.path.as_str()).collect::<Vec<_>>(),
         sockjs = ?routes.sockjs_paths(),
+        mode = config.broker.mode.as_str(),
         brokers = ?config.broker.addresses,
         "stomp-gateway listening"
     );
@@ -98,12 +112,22 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             }
         }
     });
-    let system = tokio::spawn(crate::system::run(
-        config.clone(),
-        health.clone(),
-        shared.broker_tls.clone(),
-        shutdown.clone(),
-    ));
+    // The system link watches RabbitMQ's STOMP plugin: relay mode only.
+    let system = tokio::spawn({
+        let run = (!embedded).then(|| {
+            crate::system::run(
+                config.clone(),
+                health.clone(),
+                shared.broker_tls.clone(),
+                shutdown.clone(),
+            )
+        });
+        async move {
+            if let Some(run) = run {
+                run.await;
+            }
+        }
+    });
     let mut stop = shutdown.clone();
     loop {
         tokio::select! {

@@ -6,8 +6,9 @@
 
 use crate::admission::{Admission, Ticket};
 use crate::amqp::ControlPlane;
-use crate::broker_side::{BrokerSide, TcpBrokerSide};
-use crate::config::{Config, MessageType};
+use crate::broker_side::{BrokerSide, EmbeddedBrokerSide, TcpBrokerSide};
+use crate::config::{BrokerMode, Config, MessageType};
+use crate::embedded::{EmbeddedBroker, OutboxLimits};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -50,6 +51,9 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     /// Every session task; the drain waits on it (no polling of counters).
     pub sessions: TaskTracker,
+    /// The embedded broker (`broker.mode = "embedded"`): sessions connect to
+    /// it instead of RabbitMQ's STOMP plugin.
+    pub embedded: Option<Arc<EmbeddedBroker>>,
     id_prefix: u32,
     next_id: AtomicU64,
 }
@@ -98,7 +102,7 @@ impl Shared {
                 Some(config.user.prefix.clone()),
             ),
             server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
-            control_plane: true,
+            control_plane: config.control_plane_enabled(),
             user_exchange: config.user.exchange.clone(),
             user_send_enabled: config.user.client_send_enabled,
             max_inflight_publishes: config.app.max_inflight_per_session,
@@ -125,12 +129,26 @@ impl Shared {
             .write_buffer_size(8 * 1024)
             .max_message_size(Some(config.server.max_ws_message_size))
             .max_frame_size(Some(config.server.max_ws_message_size));
+        let embedded = (config.broker.mode == BrokerMode::Embedded).then(|| {
+            EmbeddedBroker::new(
+                OutboxLimits {
+                    max_bytes: config.hub.max_queued_bytes,
+                    max_wait: Duration::from_millis(config.hub.max_queued_ms),
+                },
+                broker_limits,
+                metrics.slow_consumers.clone(),
+            )
+        });
         Shared {
-            broker_side: Arc::new(TcpBrokerSide::new(
-                b.addresses.clone(),
-                Duration::from_millis(b.connect_timeout_ms),
-                settings.broker_tls.clone(),
-            )),
+            broker_side: match &embedded {
+                Some(e) => Arc::new(EmbeddedBrokerSide(e.clone())),
+                None => Arc::new(TcpBrokerSide::new(
+                    b.addresses.clone(),
+                    Duration::from_millis(b.connect_timeout_ms),
+                    settings.broker_tls.clone(),
+                )),
+            },
+            embedded,
             broker_tls: settings.broker_tls.clone(),
             pod: settings.pod.clone(),
             metrics,

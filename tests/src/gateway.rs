@@ -97,8 +97,8 @@ pub struct GatewayBuilder {
 }
 
 impl GatewayBuilder {
-    /// Test defaults: the local RabbitMQ, quick system-link reconnects and a
-    /// debug log. `name` names the log and config files.
+    /// Test defaults: relay mode on the local RabbitMQ, quick system-link
+    /// reconnects and a debug log. `name` names the log and config files.
     pub fn new(name: &str) -> GatewayBuilder {
         let app = crate::unique("e2e.gw.app");
         let user = crate::unique("e2e.gw.user");
@@ -112,6 +112,7 @@ impl GatewayBuilder {
         .set_str("user", "exchange", &user)
         .owning("app", app)
         .owning("user", user)
+        .set_str("broker", "mode", "relay")
         .set("broker", "addresses", r#"["127.0.0.1:61613"]"#)
         .set("broker", "reconnect_initial_ms", "100")
         .set("broker", "reconnect_max_ms", "1000")

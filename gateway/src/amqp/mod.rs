@@ -188,6 +188,61 @@ impl ControlPlane {
         health: Arc<Health>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<ControlPlane, ControlPlaneError> {
+        let inner = Self::build(settings, health)?;
+        let first = match inner.connect().await {
+            Ok((conn, node)) => match inner.declare(&conn).await {
+                Ok(counts) => {
+                    inner.log_declared(counts);
+                    Some((conn, node))
+                }
+                Err(DeclareFailure::Entity(e)) => {
+                    // Start-up stops with this error; main logs it, once.
+                    let _ = conn.close(200, "topology declaration failed".into()).await;
+                    inner.pool.close();
+                    return Err(e);
+                }
+                Err(DeclareFailure::Connection(e)) => {
+                    inner.set_down(&e);
+                    warn!("AMQP connection lost while declaring the topology: {e}; reconnecting in the background");
+                    None
+                }
+            },
+            Err(e) => {
+                inner.set_down(&e);
+                warn!(
+                    "cannot connect to RabbitMQ over AMQP at {}: {e}; retrying in the background (not ready until connected)",
+                    inner.masked_urls()
+                );
+                None
+            }
+        };
+        if let Some((conn, node)) = &first {
+            inner.warm_up().await;
+            if conn.status().connected() {
+                inner.set_up(node);
+            }
+        }
+        tokio::spawn(supervise(inner.clone(), first, shutdown));
+        Ok(ControlPlane { inner })
+    }
+
+    /// A control plane that is off (`broker.mode = "embedded"` without an
+    /// explicit `amqp.url`): it never connects, every publish is
+    /// [`PublishError::Unavailable`] saying why, it does not count for
+    /// readiness, and [`ControlPlane::closed`] resolves at once.
+    pub fn off(
+        settings: &Settings,
+        health: Arc<Health>,
+    ) -> Result<ControlPlane, ControlPlaneError> {
+        let inner = Self::build(settings, health)?;
+        *inner.reason() =
+            "no AMQP control plane: broker.mode is \"embedded\" and amqp.url is not set".to_owned();
+        inner.stopped.send_replace(true);
+        Ok(ControlPlane { inner })
+    }
+
+    /// The control plane's state, not connected yet.
+    fn build(settings: &Settings, health: Arc<Health>) -> Result<Arc<Inner>, ControlPlaneError> {
         let config = settings.config.clone();
         let pod_id = settings.pod.clone();
         let amqp = &config.amqp;
@@ -252,42 +307,7 @@ impl ControlPlane {
             config,
             health,
         });
-
-        let first = match inner.connect().await {
-            Ok((conn, node)) => match inner.declare(&conn).await {
-                Ok(counts) => {
-                    inner.log_declared(counts);
-                    Some((conn, node))
-                }
-                Err(DeclareFailure::Entity(e)) => {
-                    // Start-up stops with this error; main logs it, once.
-                    let _ = conn.close(200, "topology declaration failed".into()).await;
-                    inner.pool.close();
-                    return Err(e);
-                }
-                Err(DeclareFailure::Connection(e)) => {
-                    inner.set_down(&e);
-                    warn!("AMQP connection lost while declaring the topology: {e}; reconnecting in the background");
-                    None
-                }
-            },
-            Err(e) => {
-                inner.set_down(&e);
-                warn!(
-                    "cannot connect to RabbitMQ over AMQP at {}: {e}; retrying in the background (not ready until connected)",
-                    inner.masked_urls()
-                );
-                None
-            }
-        };
-        if let Some((conn, node)) = &first {
-            inner.warm_up().await;
-            if conn.status().connected() {
-                inner.set_up(node);
-            }
-        }
-        tokio::spawn(supervise(inner.clone(), first, shutdown));
-        Ok(ControlPlane { inner })
+        Ok(inner)
     }
 
     /// Publishes with a publisher confirm, bounded by

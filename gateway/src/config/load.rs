@@ -50,6 +50,7 @@ pub(crate) fn load_from(
     let defaults = config::Config::try_from(&Config::default()).map_err(from_library)?;
     let mut builder = config::Config::builder().add_source(defaults);
     let known = schema()?;
+    let mut amqp_url_set = env.contains_key(&env_var_for("amqp.url"));
 
     if let Some(path) = path {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
@@ -59,7 +60,13 @@ pub(crate) fn load_from(
         // Parse once here so a syntax error names the file, and check the
         // types strictly before the library could coerce them.
         match text.parse::<toml::Table>() {
-            Ok(table) => strict::check_file(&table, &known)?,
+            Ok(table) => {
+                strict::check_file(&table, &known)?;
+                amqp_url_set |= table
+                    .get("amqp")
+                    .and_then(|a| a.as_table())
+                    .is_some_and(|a| a.contains_key("url"));
+            }
             Err(e) => {
                 return Err(ConfigError::File {
                     path: path.to_owned(),
@@ -136,10 +143,12 @@ pub(crate) fn load_from(
         return Err(ConfigError::UnknownKey { key, origin });
     }
 
-    merged
+    let mut config: Config = merged
         .try_deserialize()
         .map_err(from_library)
-        .map_err(with_enum_hint)
+        .map_err(with_enum_hint)?;
+    config.amqp.url_set = amqp_url_set;
+    Ok(config)
 }
 
 /// The defaults as a JSON tree, with one default element in each list of

@@ -15,8 +15,9 @@ use serde_json::Value as Schema;
 
 /// Keys whose values are one of a fixed set of words (list indices written
 /// as `[]`).
-pub(super) const ENUM_KEYS: [(&str, &[&str]); 6] = [
+pub(super) const ENUM_KEYS: [(&str, &[&str]); 7] = [
     ("server.message_type", &["auto", "text", "binary"]),
+    ("broker.mode", &["embedded", "relay"]),
     ("log.format", &["text", "json"]),
     (
         "app.exchange_type",

@@ -51,6 +51,45 @@ fn defaults_load_and_validate() {
 }
 
 #[test]
+fn broker_mode_defaults_to_embedded_and_amqp_follows_an_explicit_url() {
+    let c = load_from(None, HashMap::new()).expect("defaults load");
+    assert_eq!(c.broker.mode, BrokerMode::Embedded);
+    assert!(!c.amqp.url_set);
+    assert!(!c.control_plane_enabled(), "embedded: no AMQP by default");
+
+    let relay = TempFile::new("mode-relay", "[broker]\nmode = \"relay\"\n");
+    let c = load_from(Some(&relay.0), HashMap::new()).expect("relay loads");
+    assert_eq!(c.broker.mode, BrokerMode::Relay);
+    assert!(c.control_plane_enabled(), "relay: always AMQP");
+
+    // Set to the default value, still explicit.
+    let url = TempFile::new(
+        "mode-url",
+        "[amqp]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n",
+    );
+    let c = load_from(Some(&url.0), HashMap::new()).expect("loads");
+    assert!(c.amqp.url_set && c.control_plane_enabled());
+    let c = load_from(
+        None,
+        env(&[("GATEWAY__AMQP__URL", "amqp://x:y@h:5672/%2f")]),
+    )
+    .expect("loads");
+    assert!(c.amqp.url_set && c.control_plane_enabled());
+    let c = load_from(None, env(&[("GATEWAY__BROKER__MODE", "relay")])).expect("loads");
+    assert_eq!(c.broker.mode, BrokerMode::Relay);
+
+    let e = load_err(None, &[("GATEWAY__BROKER__MODE", "rabbit")]);
+    assert_eq!(e.key(), Some("broker.mode"), "{e}");
+    assert!(e.to_string().contains("embedded, relay"), "{e}");
+    let c = load_from(None, env(&[("GATEWAY__HUB__MAX_QUEUED_BYTES", "0")])).expect("loads");
+    let e = c.validate().expect_err("zero bytes refused");
+    assert_eq!(e.key(), Some("hub.max_queued_bytes"), "{e}");
+    let c = load_from(None, env(&[("GATEWAY__HUB__MAX_QUEUED_MS", "0")])).expect("loads");
+    let e = c.validate().expect_err("zero wait refused");
+    assert_eq!(e.key(), Some("hub.max_queued_ms"), "{e}");
+}
+
+#[test]
 fn file_then_env_precedence() {
     let file = TempFile::new(
         "precedence",

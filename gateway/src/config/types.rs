@@ -11,6 +11,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub session: SessionConfig,
     pub broker: BrokerConfig,
+    pub hub: HubConfig,
     pub amqp: AmqpConfig,
     pub app: AppConfig,
     pub user: UserConfig,
@@ -20,6 +21,15 @@ pub struct Config {
     pub topology: TopologyConfig,
     pub sockjs: SockJsConfig,
     pub demo: DemoConfig,
+}
+
+impl Config {
+    /// Whether the AMQP control plane runs: always in relay mode; in
+    /// embedded mode only when `amqp.url` was set explicitly (then `/app`
+    /// SENDs and the publish API go over it).
+    pub fn control_plane_enabled(&self) -> bool {
+        self.broker.mode == BrokerMode::Relay || self.amqp.url_set
+    }
 }
 
 /// How outbound frames are put into WebSocket messages.
@@ -237,10 +247,56 @@ impl Default for SessionConfig {
     }
 }
 
+/// Which broker serves the clients' destinations (`broker.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerMode {
+    /// The gateway's own in-process broker: `/topic/` and `/queue/` between
+    /// the sessions of this one process, no RabbitMQ (like Spring's simple
+    /// broker). Single node.
+    #[default]
+    Embedded,
+    /// RabbitMQ: relayed destinations go to its STOMP plugin, `/app` and
+    /// `/user` over AMQP.
+    Relay,
+}
+
+impl BrokerMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerMode::Embedded => "embedded",
+            BrokerMode::Relay => "relay",
+        }
+    }
+}
+
+/// `[hub]`: the local fan-out hub (the embedded broker's sessions): each
+/// session's queue of messages not yet written to its client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// Bytes queued for one session before it is dropped as a slow consumer.
+    pub max_queued_bytes: usize,
+    /// How long a queued message may wait before its session is dropped as
+    /// a slow consumer (ms).
+    pub max_queued_ms: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            max_queued_bytes: 4 * 1024 * 1024,
+            max_queued_ms: 30_000,
+        }
+    }
+}
+
 /// `[broker]`: the RabbitMQ STOMP plugin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
+    /// `embedded` (the default: no RabbitMQ) or `relay` (RabbitMQ).
+    pub mode: BrokerMode,
     /// STOMP addresses, `host:port`, tried in order.
     pub addresses: Vec<String>,
     /// Sent as the CONNECT `host` header (RabbitMQ virtual host).
@@ -312,6 +368,7 @@ pub struct AmqpTlsConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
+            mode: BrokerMode::Embedded,
             addresses: vec!["127.0.0.1:61613".into()],
             virtual_host: "/".into(),
             client_login: "guest".into(),
@@ -350,6 +407,10 @@ pub struct AmqpConfig {
     /// `amqp://user:password@host:port/vhost` (the vhost percent-encoded:
     /// `%2f` is `/`). The password is masked by [`Config::masked`].
     pub url: String,
+    /// Whether the configuration file or the environment set `url` (in
+    /// embedded mode the control plane runs only then). Not a key.
+    #[serde(skip)]
+    pub url_set: bool,
     /// AMQP connections used for publishing (each with one confirm-mode
     /// channel), besides the one control connection.
     pub pool_size: usize,
@@ -384,6 +445,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url_set: false,
             pool_size: 4,
             connect_timeout_ms: 5_000,
             reconnect_initial_ms: 500,

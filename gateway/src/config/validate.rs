@@ -12,6 +12,8 @@ impl Config {
         self.server.validate(&self.session)?;
         self.session.validate()?;
         self.broker.validate()?;
+        positive("hub.max_queued_bytes", self.hub.max_queued_bytes as u64)?;
+        positive("hub.max_queued_ms", self.hub.max_queued_ms)?;
         self.amqp.validate()?;
         self.validate_prefixes()?;
         self.validate_exchanges()?;

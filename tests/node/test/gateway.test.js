@@ -79,6 +79,7 @@ before(async () => {
       `admin_listen = "127.0.0.1:${adminPort}"`,
       '',
       '[broker]',
+      'mode = "relay"',
       'addresses = ["127.0.0.1:61613"]',
       '',
       '[app]',
