@@ -23,7 +23,16 @@
 #                  report in a temp dir (not docs/): for CI and dry runs
 #   --rounds N     rounds per case and target (default 3; medians)
 #   --out DIR      where the run JSON goes (default target/bench/<UTC time>)
-#   --cases LIST   comma list of: throughput,latency,fanout,connect-storm,idle
+#   --cases LIST   comma list of: throughput,latency,fanout,connect-storm,idle,
+#                  fanout-wide (10,000 subscribers on one topic),
+#                  idle-subscribed (idle sessions each holding one subscription
+#                  to the same topic)
+#   --targets LIST comma list of: gateway (relay mode), embedded (the gateway
+#                  with broker.mode = "embedded": no RabbitMQ behind it),
+#                  direct (Web-STOMP); gateway and embedded exclude each other
+#                  in one invocation (default: gateway,direct). The report's
+#                  tables compare gateway and direct; embedded runs are kept
+#                  as JSON next to them.
 #   --no-restart   keep RabbitMQ running as it is (its limit may be too low)
 #   --no-build     use existing binaries (STOMP_LOAD_BIN / GATEWAY_BIN or
 #                  target/release)
@@ -59,11 +68,26 @@ while [[ $# -gt 0 ]]; do
     --no-restart) RESTART=0 ;;
     --no-build) BUILD=0 ;;
     --direct-only) TARGETS=(direct) ;;
+    --targets) IFS=',' read -r -a TARGETS <<<"${2:?--targets needs a list}"; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument $1" ;;
   esac
   shift
 done
+
+GW_TARGET=""
+for t in "${TARGETS[@]}"; do
+  case "$t" in
+    gateway | embedded)
+      [[ -z "$GW_TARGET" ]] || die "--targets: gateway and embedded exclude each other"
+      GW_TARGET="$t"
+      ;;
+    direct) ;;
+    *) die "--targets: unknown target $t" ;;
+  esac
+done
+GW_MODE=relay
+[[ "$GW_TARGET" == embedded ]] && GW_MODE=embedded
 
 WEB_STOMP_URL="${WEB_STOMP_URL:-ws://127.0.0.1:15674/ws}"
 STOMP_ADDR="${RABBITMQ_STOMP_ADDR:-127.0.0.1:61613}"
@@ -90,7 +114,7 @@ log "results: $OUT (report: $MARKDOWN)"
 
 # ---- 1. build ---------------------------------------------------------------
 if ((BUILD)); then
-  if [[ " ${TARGETS[*]} " == *" gateway "* ]]; then
+  if [[ -n "$GW_TARGET" ]]; then
     log "building release binaries: cargo build --release -p stomp-gateway -p stomp-load"
     cargo build --release -p stomp-gateway -p stomp-load
   else
@@ -174,7 +198,7 @@ RABBIT_VERSION="$(rabbitmqctl version 2>/dev/null || echo unknown)"
 GW_PID=""
 GW_URL=""
 CONFIG="$OUT/gateway.toml"
-if [[ " ${TARGETS[*]} " == *" gateway "* ]]; then
+if [[ -n "$GW_TARGET" ]]; then
   [[ -x "$GATEWAY" ]] || die "no stomp-gateway binary at $GATEWAY"
   PORT="$("$LOAD" free-port)"
   ADMIN="$("$LOAD" free-port)"
@@ -194,6 +218,7 @@ heartbeat_send_ms = 10000
 heartbeat_receive_ms = 10000
 
 [broker]
+mode = "$GW_MODE"
 addresses = ["$STOMP_ADDR"]
 
 [log]
@@ -243,23 +268,27 @@ FULL[latency]="throughput --publishers 1 --subscribers 1 --size 100 --rate 2000 
 FULL[fanout]="fanout --subscribers 500 --rate 20 --size 100 --warmup 2 --duration 10 --concurrency 50 --source-ips $SOURCE_IPS"
 FULL[connect-storm]="connect-storm --sessions 2000 --concurrency 50 --source-ips $SOURCE_IPS"
 FULL[idle]="idle --sessions 5000 --concurrency 100 --hold 30 --heart-beat 10000,10000 --source-ips $SOURCE_IPS"
+FULL[fanout-wide]="fanout --subscribers 10000 --rate 10 --size 100 --warmup 5 --duration 20 --concurrency 100 --drain-max 60 --rabbitmq-counts --source-ips $SOURCE_IPS"
+FULL[idle-subscribed]="idle --sessions 5000 --concurrency 100 --hold 30 --heart-beat 10000,10000 --subscribe /topic/idle.room --rabbitmq-counts --source-ips $SOURCE_IPS"
 # Quick mode stays light on a shared machine: even "throughput" is paced.
 QUICK_ARGS[throughput]="throughput --publishers 1 --subscribers 1 --size 100 --rate 1000 --warmup 0.5 --duration 2"
 QUICK_ARGS[latency]="throughput --publishers 1 --subscribers 1 --size 100 --rate 200 --warmup 0.5 --duration 2"
 QUICK_ARGS[fanout]="fanout --subscribers 10 --rate 20 --size 100 --warmup 0.5 --duration 2"
 QUICK_ARGS[connect-storm]="connect-storm --sessions 50 --concurrency 10 --source-ips $SOURCE_IPS"
 QUICK_ARGS[idle]="idle --sessions 50 --concurrency 10 --hold 3 --settle 1 --heart-beat 10000,10000 --source-ips $SOURCE_IPS"
+QUICK_ARGS[fanout-wide]="fanout --subscribers 100 --rate 10 --size 100 --warmup 0.5 --duration 2 --rabbitmq-counts --source-ips $SOURCE_IPS"
+QUICK_ARGS[idle-subscribed]="idle --sessions 50 --concurrency 10 --hold 3 --settle 1 --heart-beat 10000,10000 --subscribe /topic/idle.room --rabbitmq-counts --source-ips $SOURCE_IPS"
 
 FAILED=0
 run_case() {
   local case="$1" target="$2" round="$3" url args name status=0
   if ((QUICK)); then args="${QUICK_ARGS[$case]:-}"; else args="${FULL[$case]:-}"; fi
   [[ -n "$args" ]] || die "unknown case $case"
-  if [[ "$target" == gateway ]]; then
+  if [[ "$target" == gateway || "$target" == embedded ]]; then
     url="$GW_URL"
     # A fresh gateway process for idle density, so its RSS growth is not
     # hidden by memory kept from earlier runs.
-    if [[ "$case" == idle ]]; then
+    if [[ "$case" == idle || "$case" == idle-subscribed ]]; then
       stop_gateway
       start_gateway
     fi
@@ -302,6 +331,7 @@ stop_gateway
 notes=(
   --note "$RESTART_NOTE"
   --note "Rounds: $ROUNDS per case and target, alternating gateway and direct; figures are medians."
+  --note "The gateway ran with broker.mode = \"$GW_MODE\"."
   --note "Connect storms, idle density and fan-out spread client sockets over source addresses $SOURCE_IPS to stay clear of the ephemeral-port limit."
 )
 if [[ -n "$GW_URL" ]]; then
