@@ -53,7 +53,7 @@ async function startGateway(name, sections = {}, extra = '') {
       admin_listen: `"127.0.0.1:${adminPort}"`,
       endpoints: '[ { path = "/ws" }, { path = "/sockjs", sockjs = true } ]',
     },
-    broker: { addresses: '["127.0.0.1:61613"]' },
+    broker: { mode: '"relay"', addresses: '["127.0.0.1:61613"]' },
     app: { exchange: `"${own[0]}"` },
     user: { exchange: `"${own[1]}"` },
     log: { filter: '"info,stomp_gateway=debug"' },
