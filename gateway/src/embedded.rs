@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
@@ -235,13 +235,26 @@ impl EmbeddedBroker {
             version: None,
             outbox: outbox.clone(),
         };
-        let mut buf = vec![0u8; 8 * 1024];
         'read: loop {
-            let n = match read.read(&mut buf).await {
+            // The read buffer lives only during one poll (on the stack), so
+            // an idle session holds none; what was read goes straight into
+            // the decoder in that same poll.
+            let read_once = std::future::poll_fn(|cx| {
+                let mut chunk = [0u8; 8 * 1024];
+                let mut buf = tokio::io::ReadBuf::new(&mut chunk);
+                match std::pin::Pin::new(&mut read).poll_read(cx, &mut buf) {
+                    std::task::Poll::Ready(Ok(())) => {
+                        decoder.extend(buf.filled());
+                        std::task::Poll::Ready(Ok(buf.filled().len()))
+                    }
+                    std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            });
+            match read_once.await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            decoder.extend(&buf[..n]);
+                Ok(_) => {}
+            }
             loop {
                 match decoder.decode() {
                     Ok(Some(Item::Frame(frame))) => {
@@ -502,6 +515,7 @@ async fn write_session(mut write: WriteHalf<DuplexStream>, outbox: Arc<Outbox>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     /// A STOMP peer on the session side of the in-memory stream.
     struct Peer {
