@@ -125,9 +125,34 @@ fn fd_limit_warning(limit: u64, max_connections: usize) -> Option<String> {
 /// mode and the limits that matter.
 fn startup_line(config: &config::Config, open_file_limit: Option<u64>) -> String {
     let c = config.masked();
-    let endpoints: Vec<&str> = c.server.endpoints.iter().map(|e| e.path.as_str()).collect();
-    let tls = if c.broker.tls.enabled { ", TLS" } else { "" };
-    let amqp = c.amqp.urls().collect::<Vec<_>>().join(", ");
+    let endpoints: Vec<String> = c
+        .server
+        .endpoints
+        .iter()
+        .map(|e| {
+            if e.sockjs {
+                format!("{} (SockJS)", e.path)
+            } else {
+                e.path.clone()
+            }
+        })
+        .collect();
+    let broker = match c.broker.mode {
+        config::BrokerMode::Embedded => {
+            "embedded (in-process, this node only; broker.mode = \"relay\" for RabbitMQ)".to_owned()
+        }
+        config::BrokerMode::Relay => format!(
+            "relay to {:?} (vhost {:?}{})",
+            c.broker.addresses,
+            c.broker.virtual_host,
+            if c.broker.tls.enabled { ", TLS" } else { "" }
+        ),
+    };
+    let amqp = if c.control_plane_enabled() {
+        c.amqp.urls().collect::<Vec<_>>().join(", ")
+    } else {
+        "off".to_owned()
+    };
     let auth = match c.auth.mode {
         config::AuthMode::None => "none (anonymous sessions)".to_owned(),
         config::AuthMode::Jwt => format!("jwt ({})", c.auth.jwt_algorithm.as_str()),
@@ -135,14 +160,12 @@ fn startup_line(config: &config::Config, open_file_limit: Option<u64>) -> String
     let files = open_file_limit.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
     format!(
         "stomp-gateway {version} starting: clients on {listen} {endpoints:?}, admin on {admin}; \
-         broker: relay to {brokers:?} (vhost {vhost:?}{tls}); AMQP: {amqp}; auth: {auth}; \
+         broker: {broker}; AMQP: {amqp}; auth: {auth}; \
          limits: {max_conn} connections (open files {files}), frames {frame} bytes, \
          {subs} subscriptions per session; drain {drain} ms",
         version = env!("CARGO_PKG_VERSION"),
         listen = c.server.listen,
         admin = c.server.admin_listen,
-        brokers = c.broker.addresses,
-        vhost = c.broker.virtual_host,
         max_conn = c.server.max_connections,
         frame = c.session.max_frame_size,
         subs = c.session.max_subscriptions,
@@ -208,6 +231,7 @@ mod tests {
     #[test]
     fn the_startup_line_names_listeners_broker_auth_and_limits() {
         let mut c = config::Config::default();
+        c.broker.mode = config::BrokerMode::Relay;
         c.amqp.url = "amqp://gw:hunter2@rabbit:5672/%2f".into();
         c.auth.mode = config::AuthMode::Jwt;
         let line = startup_line(&c, Some(20_000));
@@ -224,6 +248,9 @@ mod tests {
             assert!(line.contains(part), "{part:?} missing from {line}");
         }
         assert!(!line.contains("hunter2"), "{line}");
-        assert!(startup_line(&config::Config::default(), None).contains("auth: none"));
+        let default = startup_line(&config::Config::default(), None);
+        for part in ["auth: none", "broker: embedded", "AMQP: off"] {
+            assert!(default.contains(part), "{part:?} missing from {default}");
+        }
     }
 }
