@@ -207,9 +207,14 @@ pub async fn run<T: ClientTransport>(
                 // goes to the broker in one write rather than one per frame.
                 for _ in 0..CLIENT_BURST {
                     d.run_actions();
+                    // The broker queue's count grows only at flush: what
+                    // this turn queued counts too, so one turn cannot take
+                    // more than the budget plus one message.
                     let open = !d.session.is_closed()
                         && d.client_queue.len() < limit
-                        && d.broker.as_ref().is_none_or(|b| b.queue.len() < limit)
+                        && d.broker
+                            .as_ref()
+                            .is_none_or(|b| b.queue.len() + d.broker_pending.len() < limit)
                         && d.session.inflight_publishes() < publish_gate;
                     if !open {
                         break;
@@ -276,7 +281,7 @@ pub async fn run<T: ClientTransport>(
         let _ = b.tx.send(BrokerOut::Close);
         writers.push(b.writer);
     }
-    let _ = tokio::time::timeout(FLUSH_TIMEOUT, client_writer).await;
+    linger(&mut stream, client_writer).await;
     for w in writers {
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, w).await;
     }
@@ -329,7 +334,12 @@ impl Driver {
             Some(Ok(Message::Close(_))) | None => self.session.handle_client_closed(now),
             Some(Err(e)) => {
                 debug!(session = %self.session.id(), error = %e, "client WebSocket error");
-                self.session.handle_client_closed(now);
+                match websocket_violation(&e, self.shared.config.server.max_ws_message_size) {
+                    Some((code, message, details, limit)) => self
+                        .session
+                        .handle_client_websocket_error(now, code, message, details, limit),
+                    None => self.session.handle_client_closed(now),
+                }
             }
         }
     }
@@ -561,6 +571,93 @@ impl Driver {
 }
 
 /// A close reason fits in a control frame (123 bytes of UTF-8).
+/// How long the gateway keeps reading (and dropping) what a client still
+/// sends after its session ended, once the last frames are written.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Waits for the client writer to flush the last frames and the close frame
+/// (at most [`FLUSH_TIMEOUT`]) while reading and dropping whatever the client
+/// still sends, then keeps reading for up to [`LINGER`] or until the client
+/// closes. Closing a socket with unread data makes the kernel send a reset,
+/// which can destroy the ERROR and the close frame before the client reads
+/// them; reading first lets the close handshake finish.
+async fn linger<S>(stream: &mut S, writer: tokio::task::JoinHandle<()>)
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let flush_deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+    let mut writer = writer;
+    let mut writer_done = false;
+    let mut reading = true;
+    let mut until = flush_deadline;
+    loop {
+        tokio::select! {
+            _ = &mut writer, if !writer_done => {
+                writer_done = true;
+                until = tokio::time::Instant::now() + LINGER;
+                if !reading {
+                    return;
+                }
+            }
+            m = stream.next(), if reading => {
+                if !matches!(m, Some(Ok(_))) {
+                    reading = false;
+                    if writer_done {
+                        return;
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(until) => return,
+        }
+    }
+}
+
+/// The RFC 6455 close code, STOMP ERROR `message`, explanation and broken
+/// setting for a WebSocket violation after which the gateway can still
+/// write; `None` when the connection itself is gone.
+fn websocket_violation(
+    e: &WsError,
+    max_message: usize,
+) -> Option<(u16, &'static str, String, Option<&'static str>)> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) => Some((
+            1009,
+            "Limit exceeded: server.max_ws_message_size",
+            format!(
+                "a WebSocket message of {size} bytes or more is over the limit of {max_message} bytes"
+            ),
+            Some("server.max_ws_message_size"),
+        )),
+        WsError::Capacity(c) => Some((1009, "Message too big", c.to_string(), None)),
+        WsError::Utf8(_) => Some((
+            1007,
+            "Invalid frame",
+            "a text WebSocket message was not valid UTF-8 (send binary messages for other bytes)"
+                .to_owned(),
+            None,
+        )),
+        WsError::Protocol(
+            p @ (ProtocolError::NonZeroReservedBits
+            | ProtocolError::UnmaskedFrameFromClient
+            | ProtocolError::FragmentedControlFrame
+            | ProtocolError::ControlFrameTooBig
+            | ProtocolError::UnknownControlFrameType(_)
+            | ProtocolError::UnknownDataFrameType(_)
+            | ProtocolError::UnexpectedContinueFrame
+            | ProtocolError::ExpectedFragment(_)
+            | ProtocolError::InvalidOpcode(_)
+            | ProtocolError::InvalidCloseSequence),
+        ) => Some((
+            1002,
+            "Invalid frame",
+            format!("WebSocket protocol error: {p}"),
+            None,
+        )),
+        _ => None,
+    }
+}
+
 fn close_text(reason: &CloseReason) -> String {
     let mut s = reason.to_string();
     if s.len() > 123 {

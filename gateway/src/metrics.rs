@@ -161,6 +161,8 @@ impl Metrics {
             CloseReason::ClientDisconnect => "client_disconnect",
             CloseReason::ClientGone => "client_gone",
             CloseReason::ClientError(_) => "client_error",
+            CloseReason::Policy(_) => "client_limit",
+            CloseReason::WebSocket { .. } => "client_websocket_error",
             CloseReason::ConnectTimeout => "connect_timeout",
             CloseReason::ClientHeartbeatTimeout => "client_heartbeat_timeout",
             CloseReason::BrokerError(_) => "broker_error",

@@ -170,8 +170,13 @@ pub enum CloseReason {
     ClientDisconnect,
     /// The client's connection went away.
     ClientGone,
-    /// The client broke the protocol or a limit.
+    /// The client broke the protocol.
     ClientError(String),
+    /// The client broke a configured limit (WebSocket close 1008, policy).
+    Policy(String),
+    /// The client broke the WebSocket protocol itself; `code` is the close
+    /// code RFC 6455 gives the condition (1002, 1007, 1009).
+    WebSocket { code: u16, message: String },
     /// No CONNECT in time.
     ConnectTimeout,
     /// The client stopped sending heart-beats.
@@ -194,6 +199,8 @@ impl CloseReason {
             | CloseReason::ConnectTimeout
             | CloseReason::ClientHeartbeatTimeout => 1002,
             CloseReason::BrokerError(_) | CloseReason::BrokerLost(_) => 1011,
+            CloseReason::Policy(_) => 1008,
+            CloseReason::WebSocket { code, .. } => *code,
         }
     }
 }
@@ -204,6 +211,10 @@ impl fmt::Display for CloseReason {
             CloseReason::ClientDisconnect => f.write_str("client sent DISCONNECT"),
             CloseReason::ClientGone => f.write_str("client connection closed"),
             CloseReason::ClientError(m) => write!(f, "client error: {m}"),
+            CloseReason::Policy(m) => write!(f, "client refused: {m}"),
+            CloseReason::WebSocket { code, message } => {
+                write!(f, "client WebSocket error {code}: {message}")
+            }
             CloseReason::ConnectTimeout => f.write_str("no CONNECT frame in time"),
             CloseReason::ClientHeartbeatTimeout => f.write_str("client heart-beat timeout"),
             CloseReason::BrokerError(m) => write!(f, "broker error: {m}"),
@@ -507,6 +518,35 @@ impl Session {
             _ => "Invalid header",
         };
         self.client_error(now, message, error.to_string());
+    }
+
+    /// The client broke the WebSocket protocol (`code`: 1002, 1007 or 1009)
+    /// in a way that still lets the gateway write: the client gets an ERROR
+    /// (`message`, `details`), then a close frame with `code`. `limit` names
+    /// the setting when a size limit was broken.
+    pub fn handle_client_websocket_error(
+        &mut self,
+        now: Instant,
+        code: u16,
+        message: &str,
+        details: impl Into<String>,
+        limit: Option<&'static str>,
+    ) {
+        if self.state == State::Closed {
+            return;
+        }
+        if limit.is_some() {
+            self.limit_hit = limit;
+        }
+        self.emit_client(now, Frame::error(message, details));
+        self.close_broker_leg();
+        self.finish(
+            CloseReason::WebSocket {
+                code,
+                message: message.to_owned(),
+            },
+            true,
+        );
     }
 
     /// The client connection went away (closed, reset or failed).
@@ -1341,7 +1381,10 @@ impl Session {
     /// ERROR naming the limit (its setting), then close both legs.
     fn limit_error(&mut self, now: Instant, limit: &'static str, details: impl Into<String>) {
         self.limit_hit = Some(limit);
-        self.client_error(now, &format!("Limit exceeded: {limit}"), details);
+        let message = format!("Limit exceeded: {limit}");
+        self.emit_client(now, Frame::error(&message, details));
+        self.close_broker_leg();
+        self.finish(CloseReason::Policy(message), true);
     }
 
     /// ERROR to the client, then close both legs.
