@@ -322,10 +322,12 @@ async fn serve_connection(
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
-        // Later requests on a kept-alive connection (SockJS polling) get the
-        // same time for their headers; hyper closes the connection then.
+        // Later requests on a kept-alive connection (SockJS polling) get
+        // about the same time for their headers; hyper closes the connection
+        // then. (A second more, so that for the first request the 408 below
+        // comes first.)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(timeout)
+        .header_read_timeout(timeout + Duration::from_secs(1))
         .serve_connection(io, svc)
         .with_upgrades();
     let mut conn = Box::pin(conn);
