@@ -344,9 +344,13 @@ impl Service {
             // The channel is empty: this cannot fail for lack of room.
             let _ = tx.try_send(p);
         }
+        // Attached before the response head goes out, so a request that
+        // arrives after this one saw its head is the second receiver.
+        let attached = session.attach();
         let svc = self.clone();
         tokio::spawn(async move {
-            svc.run_receiver(session, new, streaming, format, tx).await;
+            svc.run_receiver(session, attached, new, streaming, format, tx)
+                .await;
         });
         let mut r = Response::new(BoxBody::new(ChannelBody { rx }));
         let h = r.headers_mut();
@@ -359,16 +363,18 @@ impl Service {
         r
     }
 
-    /// Writes frames for one receiving request until it is done.
+    /// Writes frames for one receiving request until it is done (or, when
+    /// another request is `attached` already, refuses it with 2010).
     async fn run_receiver(
         &self,
         session: Arc<Session>,
+        attached: bool,
         new: bool,
         streaming: bool,
         format: Format,
         tx: mpsc::Sender<Bytes>,
     ) {
-        if !session.attach() {
+        if !attached {
             self.counters.event(Event::AnotherConnection);
             let f = frame::close(ANOTHER_CONNECTION.0, ANOTHER_CONNECTION.1);
             let _ = tx.send(format.wrap(&f)).await;
