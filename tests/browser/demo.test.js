@@ -1,7 +1,8 @@
 // The demo page in real headless Chromium (Debian's `chromium`, driven by
 // playwright-core): two pages, two users, one room, messages both ways, over
 // a plain WebSocket, SockJS xhr-streaming (forced) and SockJS xhr-polling
-// (forced), against the real gateway relaying to the local RabbitMQ; then
+// (forced), against the real gateway relaying to the local RabbitMQ, and on
+// the embedded broker; then
 // the deploy/examples/chat.toml set-up: rooms on a chat exchange, messages
 // through /app/chat.sendMessage and the example backend, or straight to the
 // room while no backend runs. Screenshots go to target/artifacts/.
@@ -106,6 +107,26 @@ for (const { transport, shown } of CASES) {
     }
   });
 }
+
+test('demo chat on the embedded broker (no RabbitMQ in the path), SockJS and plain WebSocket', async () => {
+  const embedded = await startGateway('browser-demo-embedded', { broker: { mode: '"embedded"' } });
+  const [ca, cb] = [await browser.newContext(), await browser.newContext()];
+  try {
+    const room = `embedded-${crypto.randomBytes(3).toString('hex')}`;
+    const alice = await join(ca, 'alice', room, 'xhr-polling', embedded.url);
+    const bob = await join(cb, 'bob', room, 'native', embedded.url);
+    assert.equal(await alice.textContent('#transport-used'), 'SockJS xhr-polling');
+    await say(alice, 'hello from the embedded broker');
+    await sees(bob, 'alice', 'hello from the embedded broker');
+    await say(bob, 'réponse ✓');
+    await sees(alice, 'bob', 'réponse ✓');
+    await alice.screenshot({ path: path.join(ARTIFACTS, 'demo-embedded.png') });
+  } finally {
+    await ca.close();
+    await cb.close();
+    await embedded.stop();
+  }
+});
 
 // The transports Node cannot run (they need a DOM): sockjs-client in the
 // page, against the SockJS test service /echo.
