@@ -227,3 +227,72 @@ async fn slow_consumer_is_dropped_while_others_keep_receiving() -> Result<()> {
     );
     Ok(())
 }
+
+/// Raises this process's open-file soft limit to `want` (or the hard limit);
+/// the gateway it spawns inherits it.
+fn raise_nofile(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let target = want.min(hard);
+    if soft < target && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+        return target;
+    }
+    soft
+}
+
+#[tokio::test]
+async fn fifteen_hundred_subscribers_on_one_topic_get_every_message() -> Result<()> {
+    const SUBSCRIBERS: usize = 1_500;
+    const MESSAGES: usize = 20;
+    // 1,500 client sockets here and 1,500 in the gateway: more than the
+    // usual soft limit of 1,024 descriptors per process.
+    let limit = raise_nofile(8_192);
+    ensure!(
+        limit >= 4_096,
+        "open-file limit {limit} is too low for this test"
+    );
+    // All from 127.0.0.1: lift the per-IP limits meant for hostile clients.
+    let gw = embedded("embedded_1500_subscribers")
+        .set("server", "max_connections_per_ip", "5000")
+        .set("server", "max_new_connections_per_ip_per_sec", "0")
+        .start()
+        .await;
+    let mut subscribers = Vec::with_capacity(SUBSCRIBERS);
+    for i in 0..SUBSCRIBERS {
+        let mut c = gw
+            .client()
+            .await
+            .with_context(|| format!("subscriber {i}"))?;
+        c.subscribe("/topic/crowd", &format!("s{i}"), &[]).await?;
+        subscribers.push(c);
+    }
+    let mut publisher = gw.client().await?;
+    for m in 0..MESSAGES {
+        publisher
+            .send_frame(&send("/topic/crowd", &format!("{m}")))
+            .await?;
+    }
+    let mut readers = Vec::with_capacity(SUBSCRIBERS);
+    for (i, mut c) in subscribers.into_iter().enumerate() {
+        readers.push(tokio::spawn(async move {
+            let got = c.recv_messages(MESSAGES, Duration::from_secs(60)).await?;
+            let bodies: Vec<String> = got.iter().map(body_text).collect();
+            let want: Vec<String> = (0..MESSAGES).map(|m| m.to_string()).collect();
+            ensure!(bodies == want, "subscriber {i} got {bodies:?}");
+            c.close().await;
+            anyhow::Ok(())
+        }));
+    }
+    for r in readers {
+        r.await??;
+    }
+    let ready: serde_json::Value = serde_json::from_str(&gw.admin_get("/readyz").await?.body)?;
+    assert_eq!(ready["mode"], "embedded");
+    assert_eq!(
+        ready["system_link"]["up"], false,
+        "no broker connection at all"
+    );
+    Ok(())
+}

@@ -14,8 +14,8 @@
 //! again, then calls [`Sink::upstream_restored`] with how long deliveries
 //! stopped: messages published in that gap are lost for this pod's
 //! subscribers. What to do about it (keep the sessions and count the gap,
-//! or close them so clients resubscribe) is the sink's choice
-//! (`shared.on_gap`).
+//! or close them with an ERROR so clients resubscribe) is the sink's choice,
+//! to become a setting when the shared path is wired into sessions.
 
 use super::mapping;
 use futures_util::StreamExt;
