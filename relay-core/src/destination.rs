@@ -76,6 +76,18 @@ impl Router {
         &self.relay
     }
 
+    /// Every prefix a client may use, for the unknown-destination error:
+    /// the relay prefixes, then (with the AMQP control plane) the
+    /// application prefixes and the user prefix.
+    pub fn served_prefixes(&self, control_plane: bool) -> Vec<&str> {
+        let mut all: Vec<&str> = self.relay.iter().map(String::as_str).collect();
+        if control_plane {
+            all.extend(self.app.iter().map(String::as_str));
+            all.extend(self.user.as_deref());
+        }
+        all
+    }
+
     /// The application prefixes.
     pub fn app_prefixes(&self) -> &[String] {
         &self.app

@@ -251,6 +251,18 @@ impl Router {
         &self.relay
     }
 
+    /// Every prefix a client may use, for the unknown-destination error:
+    /// the relay prefixes, then (with the control plane) the application
+    /// prefixes and the user prefix.
+    pub fn served_prefixes(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self.relay.iter().map(String::as_str).collect();
+        if self.control_plane {
+            all.extend(self.app.iter().map(String::as_str));
+            all.extend(self.user.as_deref());
+        }
+        all
+    }
+
     /// The user exchange.
     pub fn user_exchange(&self) -> &str {
         &self.user_exchange
@@ -295,7 +307,7 @@ impl Router {
                     format!("no route for destination {dest:?}"),
                     format!(
                         "destinations must start with one of: {}",
-                        self.relay.join(", ")
+                        self.served_prefixes().join(", ")
                     ),
                 ))
             }
@@ -934,6 +946,23 @@ mod tests {
             panic!("a user SEND needs a user and a destination");
         };
         assert_eq!(message, "invalid user destination \"/user/bob\"");
+    }
+
+    #[test]
+    fn the_unknown_destination_error_lists_every_served_prefix() {
+        let alice = Principal::user("alice");
+        let f = Frame::new(Command::Send).with_header("destination", "/nowhere/x");
+        let details = |r: &Router| match r.route(&alice, "alice", &f) {
+            Err(Refusal::Invalid { details, .. }) => details,
+            other => panic!("{other:?}"),
+        };
+        let on = details(&Router::default().with_control_plane(true));
+        assert!(
+            on.ends_with("/temp-queue/, /reply-queue/, /app/, /user/"),
+            "{on}"
+        );
+        let off = details(&Router::default());
+        assert!(off.ends_with("/temp-queue/, /reply-queue/"), "{off}");
     }
 
     #[test]

@@ -1303,7 +1303,11 @@ impl Session {
                 ),
             ),
             Route::Unroutable => {
-                let prefixes = self.config.router.relay_prefixes().join(", ");
+                let prefixes = self
+                    .config
+                    .router
+                    .served_prefixes(self.config.control_plane)
+                    .join(", ");
                 // `/queue` or `/queue/`: a known kind with an empty name.
                 let empty_name = self
                     .config
@@ -1691,6 +1695,27 @@ mod tests {
             assert_eq!(acts[1], Action::ToBroker(Frame::new(Command::Disconnect)));
             assert_eq!(acts[2], Action::CloseBroker);
         }
+    }
+
+    #[test]
+    fn the_unknown_destination_error_lists_every_served_prefix() {
+        let t0 = Instant::now();
+        let send = Frame::new(Command::Send).with_header("destination", "/nowhere/x");
+        // With the control plane: relay prefixes, /app/ and /user/.
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(t0, send.clone());
+        let (msg, body) = error_parts(&drain(&mut s));
+        assert_eq!(msg, "Unknown destination");
+        assert!(
+            body.contains("/topic/, /queue/, /exchange/, /amq/queue/, /temp-queue/, /reply-queue/, /app/, /user/"),
+            "{body}"
+        );
+        // Without it, only what is served.
+        let mut s = connected(t0, "0,0");
+        s.handle_client_frame(t0, send);
+        let (_, body) = error_parts(&drain(&mut s));
+        assert!(body.contains("/reply-queue/ and"), "{body}");
+        assert!(!body.contains("/app/"), "{body}");
     }
 
     #[test]
