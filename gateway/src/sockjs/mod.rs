@@ -180,25 +180,11 @@ impl Counters {
         Ok(Counters { sessions, events })
     }
 
-    /// Counters that are not exported (tests, test services).
-    pub fn unregistered() -> Counters {
-        // Creating unregistered counters with valid names cannot fail.
-        match Counters::new(None) {
-            Ok(c) => c,
-            Err(e) => unreachable!("static metric definitions: {e}"),
-        }
-    }
-
     fn opened(&self, t: Transport) {
         self.sessions.with_label_values(&[t.name()]).inc();
     }
 
     fn event(&self, e: Event) {
         self.events.with_label_values(&[e.label()]).inc();
-    }
-
-    /// How many times `e` happened (for tests).
-    pub fn count(&self, e: Event) -> u64 {
-        self.events.with_label_values(&[e.label()]).get()
     }
 }

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// Close code and reason when the receiving request was cut.
@@ -174,11 +173,6 @@ impl Session {
             w.wake();
         }
         out
-    }
-
-    /// The close frame, if the session is closed.
-    pub fn closed(&self) -> Option<(u16, String)> {
-        self.lock().close.clone()
     }
 
     /// Waits until there may be something to [`take`](Session::take).
@@ -366,11 +360,6 @@ impl Sink<Message> for Conn {
     }
 }
 
-/// Maps a close code for a WebSocket close frame.
-pub fn close_code(code: u16) -> CloseCode {
-    CloseCode::from(code)
-}
-
 /// The live HTTP-transport sessions of one endpoint, by session id.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -403,16 +392,6 @@ impl Table {
         Ok((s, true))
     }
 
-    /// Number of live sessions.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether no session is live.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
     /// Removes and ends the sessions idle for `delay`; returns how many.
     pub fn sweep(&self, now: Instant, delay: Duration) -> usize {
         let expired: Vec<Arc<Session>> = {
@@ -428,14 +407,6 @@ impl Table {
             s.end(INTERRUPTED.0, "Session timed out");
         }
         expired.len()
-    }
-
-    /// Ends every session (shutdown).
-    pub fn end_all(&self, code: u16, reason: &str) {
-        let all: Vec<Arc<Session>> = self.lock().drain().map(|(_, s)| s).collect();
-        for s in all {
-            s.end(code, reason);
-        }
     }
 }
 
@@ -464,7 +435,7 @@ mod tests {
         conn.send(Message::Text("y".into())).await.expect("send");
         assert_eq!(s.take(), Outgoing::Messages(vec!["x".into(), "y".into()]));
         conn.send(Message::Close(Some(CloseFrame {
-            code: close_code(3000),
+            code: 3000.into(),
             reason: "Go away!".into(),
         })))
         .await
@@ -532,7 +503,7 @@ mod tests {
         s.detach(t0 + Duration::from_secs(60));
         assert_eq!(table.sweep(t0 + Duration::from_secs(64), delay), 0);
         assert_eq!(table.sweep(t0 + Duration::from_secs(65), delay), 1);
-        assert!(table.is_empty());
+        assert!(table.get("a").is_none());
         // The handler sees the end and can no longer send.
         assert!(conn.next().await.is_none());
         assert!(conn.send(Message::Text("x".into())).await.is_err());

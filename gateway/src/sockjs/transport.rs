@@ -114,21 +114,6 @@ impl Service {
         svc
     }
 
-    /// Live HTTP-transport sessions.
-    pub fn sessions(&self) -> usize {
-        self.table.len()
-    }
-
-    /// The counters.
-    pub fn counters(&self) -> &Counters {
-        &self.counters
-    }
-
-    /// Ends every HTTP-transport session (shutdown).
-    pub fn close_all(&self) {
-        self.table.end_all(1001, "Server shutting down");
-    }
-
     /// Serves one request; `rest` is the path after the endpoint prefix.
     pub async fn handle(
         self: &Arc<Self>,
