@@ -216,6 +216,9 @@ max_connections = 20000
 # outbound_buffer_bytes is left at its default.
 heartbeat_send_ms = 10000
 heartbeat_receive_ms = 10000
+# The open-loop publisher measures the most one session can push: no
+# per-session SEND rate limit.
+max_sends_per_sec = 0
 
 [broker]
 mode = "$GW_MODE"
