@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
 use futures_util::{FutureExt, Sink, SinkExt, Stream};
 use relay_core::codec::{encode_to_bytes, HEARTBEAT};
-use relay_core::session::{Action, AppPublish, CloseReason, Session};
+use relay_core::session::{Action, AppPublish, CloseReason, Session, ToClient, ToRelay};
 use relay_core::{Decoder, Frame, Item, Version};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -451,61 +451,75 @@ impl Driver {
         }
     }
 
+    /// Hands each action the session emitted to the one that carries it out.
     fn run_actions(&mut self) {
         while let Some(action) = self.session.poll_action() {
             match action {
-                Action::ConnectBroker(connect) => {
-                    self.connect_frame = Some(connect);
-                    self.connecting = Some(self.shared.broker_side.open());
-                }
-                Action::ToBroker(frame) => {
-                    if self.broker.is_some() {
-                        // Encoded straight into the pending write.
-                        let before = self.broker_pending.len();
-                        relay_core::encode(
-                            &frame,
-                            self.session.broker_version(),
-                            &mut self.broker_pending,
-                        );
-                        let len = self.broker_pending.len() - before;
-                        self.shared.metrics.frames_client_to_broker.inc();
-                        self.shared
-                            .metrics
-                            .bytes_client_to_broker
-                            .inc_by(len as u64);
-                    }
-                }
-                Action::BrokerHeartbeat => self.send_broker(HEARTBEAT),
-                Action::ToClient(frame) => {
-                    let bytes = encode_to_bytes(&frame, self.session.client_version());
-                    self.shared.metrics.frames_broker_to_client.inc();
+                Action::Client(a) => self.on_client_action(a),
+                Action::Relay(a) => self.on_relay_action(a),
+                Action::App(publish) => self.publish(publish),
+            }
+        }
+    }
+
+    fn on_client_action(&mut self, action: ToClient) {
+        match action {
+            ToClient::Frame(frame) => {
+                let bytes = encode_to_bytes(&frame, self.session.client_version());
+                self.shared.metrics.frames_broker_to_client.inc();
+                self.shared
+                    .metrics
+                    .bytes_broker_to_client
+                    .inc_by(bytes.len() as u64);
+                self.send_client(bytes);
+            }
+            ToClient::Heartbeat => self.send_client(Bytes::from_static(HEARTBEAT)),
+            ToClient::Close(reason) => {
+                let _ = self
+                    .client_tx
+                    .send(ClientOut::Close(reason.ws_code(), close_text(&reason)));
+            }
+        }
+    }
+
+    fn on_relay_action(&mut self, action: ToRelay) {
+        match action {
+            ToRelay::Open(connect) => {
+                self.connect_frame = Some(connect);
+                self.connecting = Some(self.shared.broker_side.open());
+            }
+            ToRelay::Frame(frame) => {
+                if self.broker.is_some() {
+                    // Encoded straight into the pending write.
+                    let before = self.broker_pending.len();
+                    relay_core::encode(
+                        &frame,
+                        self.session.broker_version(),
+                        &mut self.broker_pending,
+                    );
+                    let len = self.broker_pending.len() - before;
+                    self.shared.metrics.frames_client_to_broker.inc();
                     self.shared
                         .metrics
-                        .bytes_broker_to_client
-                        .inc_by(bytes.len() as u64);
-                    self.send_client(bytes);
+                        .bytes_client_to_broker
+                        .inc_by(len as u64);
                 }
-                Action::ClientHeartbeat => self.send_client(Bytes::from_static(HEARTBEAT)),
-                Action::CloseBroker => {
-                    self.connecting = None;
-                    self.connect_frame = None;
-                    // What this turn queued (a DISCONNECT) goes first.
-                    self.flush_broker();
-                    if let Some(b) = self.broker.take() {
-                        let _ = b.tx.send(BrokerOut::Close);
-                        debug!(session = %self.session.id(), broker = %b.address, "closing broker connection");
-                        self.closing_brokers.push(b.writer);
-                    }
-                }
-                Action::Publish(publish) => self.publish(publish),
-                Action::CloseClient(reason) => {
-                    let _ = self
-                        .client_tx
-                        .send(ClientOut::Close(reason.ws_code(), close_text(&reason)));
+            }
+            ToRelay::Heartbeat => self.send_broker(HEARTBEAT),
+            ToRelay::Close => {
+                self.connecting = None;
+                self.connect_frame = None;
+                // What this turn queued (a DISCONNECT) goes first.
+                self.flush_broker();
+                if let Some(b) = self.broker.take() {
+                    let _ = b.tx.send(BrokerOut::Close);
+                    debug!(session = %self.session.id(), broker = %b.address, "closing broker connection");
+                    self.closing_brokers.push(b.writer);
                 }
             }
         }
     }
+
     /// Publishes a client SEND to the application exchange; the session
     /// hears the confirm (or the refusal) through `handle_publish_result`.
     fn publish(&mut self, p: AppPublish) {

@@ -2,8 +2,9 @@
 //!
 //! The I/O driver feeds it what happened (a client frame, a broker frame, a
 //! connection lost) together with the current time, and drains
-//! [`Session::poll_action`] for what to do next (send this frame to the
-//! client, to the broker, open the broker connection, close). Timers are
+//! [`Session::poll_action`] for what to do next, grouped by who does it
+//! ([`Action`]): the client connection, the relay leg (open it, send this
+//! frame, close it), the application publisher. Timers are
 //! exposed through [`Session::poll_timeout`] and fired with
 //! [`Session::handle_timeout`], so tests drive everything on a fake clock.
 //!
@@ -141,26 +142,45 @@ impl Default for SessionConfig {
     }
 }
 
-/// What the driver must do.
+/// What the driver must do, grouped by who carries it out: the client
+/// connection, the relay leg (this session's own broker connection) or the
+/// application publisher. A later local fan-out hub gets a group of its own
+/// here; the driver hands each group to the one that carries it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Open a broker connection and send this CONNECT frame on it first.
-    ConnectBroker(Frame),
-    /// Send a frame to the broker (encode with [`Session::broker_version`]).
-    ToBroker(Frame),
-    /// Send a heart-beat EOL to the broker.
-    BrokerHeartbeat,
-    /// Send a frame to the client (encode with [`Session::client_version`]).
-    ToClient(Frame),
-    /// Send a heart-beat EOL to the client.
-    ClientHeartbeat,
-    /// Close the broker connection once what was queued before is written.
-    CloseBroker,
-    /// Close the client connection once what was queued before is written.
-    CloseClient(CloseReason),
-    /// Publish to the application exchange with a publisher confirm, then
-    /// call [`Session::handle_publish_result`].
-    Publish(AppPublish),
+    /// For the client connection.
+    Client(ToClient),
+    /// For the relay leg.
+    Relay(ToRelay),
+    /// For the application publisher: publish to the application exchange
+    /// with a publisher confirm, then call [`Session::handle_publish_result`].
+    App(AppPublish),
+}
+
+/// What the client connection must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToClient {
+    /// Send a frame (encode with [`Session::client_version`]).
+    Frame(Frame),
+    /// Send a heart-beat EOL.
+    Heartbeat,
+    /// Close once what was queued before is written.
+    Close(CloseReason),
+}
+
+/// What the relay leg must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToRelay {
+    /// Open the leg (see the gateway's broker side) and send this CONNECT
+    /// on it first; its CONNECTED comes back through
+    /// [`Session::handle_broker_frame`].
+    Open(Frame),
+    /// Send a frame (encode with [`Session::broker_version`]).
+    Frame(Frame),
+    /// Send a heart-beat EOL.
+    Heartbeat,
+    /// Close once what was queued before is written.
+    Close,
 }
 
 /// Why a session ended; one line in the log, and the WebSocket close code.
@@ -621,7 +641,7 @@ impl Session {
             (_, Command::Error) => {
                 let message = frame.header("message").unwrap_or("(no message)").to_owned();
                 self.emit_client(now, frame);
-                self.actions.push_back(Action::CloseBroker);
+                self.actions.push_back(Action::Relay(ToRelay::Close));
                 self.finish(CloseReason::BrokerError(message), true);
             }
             (State::Connected, Command::Message) => {
@@ -633,7 +653,7 @@ impl Session {
                 let done = frame.header("receipt-id") == Some(receipt.as_str());
                 self.emit_client(now, frame);
                 if done {
-                    self.actions.push_back(Action::CloseBroker);
+                    self.actions.push_back(Action::Relay(ToRelay::Close));
                     self.finish(CloseReason::ClientDisconnect, true);
                 }
             }
@@ -675,7 +695,7 @@ impl Session {
                 ),
             ),
         );
-        self.actions.push_back(Action::CloseBroker);
+        self.actions.push_back(Action::Relay(ToRelay::Close));
         self.finish(CloseReason::BrokerError(message.to_owned()), true);
     }
 
@@ -692,7 +712,7 @@ impl Session {
                         format!("the connection to the message broker failed: {reason}"),
                     ),
                 );
-                self.actions.push_back(Action::CloseBroker);
+                self.actions.push_back(Action::Relay(ToRelay::Close));
                 self.finish(CloseReason::BrokerLost(reason.to_owned()), true);
             }
         }
@@ -842,13 +862,13 @@ impl Session {
         }
         if let Some(i) = self.client_send {
             if now >= self.last_client_tx + i {
-                self.actions.push_back(Action::ClientHeartbeat);
+                self.actions.push_back(Action::Client(ToClient::Heartbeat));
                 self.last_client_tx = now;
             }
         }
         if let Some(i) = self.broker_send {
             if now >= self.last_broker_tx + i {
-                self.actions.push_back(Action::BrokerHeartbeat);
+                self.actions.push_back(Action::Relay(ToRelay::Heartbeat));
                 self.last_broker_tx = now;
             }
         }
@@ -905,7 +925,8 @@ impl Session {
         self.phase_started = now;
         self.last_broker_tx = now;
         self.last_broker_rx = now;
-        self.actions.push_back(Action::ConnectBroker(connect));
+        self.actions
+            .push_back(Action::Relay(ToRelay::Open(connect)));
     }
 
     fn on_broker_connected(&mut self, now: Instant, frame: Frame) {
@@ -1020,7 +1041,7 @@ impl Session {
                         self.phase_started = now;
                     }
                     None => {
-                        self.actions.push_back(Action::CloseBroker);
+                        self.actions.push_back(Action::Relay(ToRelay::Close));
                         self.finish(CloseReason::ClientDisconnect, true);
                     }
                 }
@@ -1219,7 +1240,7 @@ impl Session {
         let content_type = frame.header("content-type").map(str::to_owned);
         let headers = client_headers(&frame.headers);
         self.inflight.insert(id, receipt);
-        self.actions.push_back(Action::Publish(AppPublish {
+        self.actions.push_back(Action::App(AppPublish {
             id,
             routing_key,
             destination: dest,
@@ -1331,12 +1352,13 @@ impl Session {
 
     fn emit_client(&mut self, now: Instant, frame: Frame) {
         self.last_client_tx = now;
-        self.actions.push_back(Action::ToClient(frame));
+        self.actions
+            .push_back(Action::Client(ToClient::Frame(frame)));
     }
 
     fn emit_broker(&mut self, now: Instant, frame: Frame) {
         self.last_broker_tx = now;
-        self.actions.push_back(Action::ToBroker(frame));
+        self.actions.push_back(Action::Relay(ToRelay::Frame(frame)));
     }
 
     fn on_begin(&mut self, now: Instant, frame: Frame) {
@@ -1402,12 +1424,14 @@ impl Session {
         match self.state {
             State::Connected | State::Disconnecting { .. } => {
                 self.actions
-                    .push_back(Action::ToBroker(Frame::new(Command::Disconnect)));
-                self.actions.push_back(Action::CloseBroker);
+                    .push_back(Action::Relay(ToRelay::Frame(Frame::new(
+                        Command::Disconnect,
+                    ))));
+                self.actions.push_back(Action::Relay(ToRelay::Close));
             }
             // A draining leg already has its DISCONNECT.
             State::ConnectingBroker | State::Draining { .. } => {
-                self.actions.push_back(Action::CloseBroker)
+                self.actions.push_back(Action::Relay(ToRelay::Close))
             }
             State::AwaitingConnect | State::Closed => {}
         }
@@ -1415,7 +1439,8 @@ impl Session {
 
     fn finish(&mut self, reason: CloseReason, close_client: bool) {
         if close_client {
-            self.actions.push_back(Action::CloseClient(reason.clone()));
+            self.actions
+                .push_back(Action::Client(ToClient::Close(reason.clone())));
         }
         self.close_reason = Some(reason);
         self.state = State::Closed;
@@ -1500,7 +1525,7 @@ mod tests {
         s.handle_client_frame(t0, connect_frame(hb));
         let acts = drain(&mut s);
         assert!(
-            matches!(acts.as_slice(), [Action::ConnectBroker(_)]),
+            matches!(acts.as_slice(), [Action::Relay(ToRelay::Open(_))]),
             "{acts:?}"
         );
         s.handle_broker_frame(
@@ -1511,7 +1536,7 @@ mod tests {
         );
         let acts = drain(&mut s);
         match acts.as_slice() {
-            [Action::ToClient(f)] => assert_eq!(f.command, Command::Connected),
+            [Action::Client(ToClient::Frame(f))] => assert_eq!(f.command, Command::Connected),
             other => panic!("{other:?}"),
         }
         s
@@ -1521,7 +1546,7 @@ mod tests {
     fn error_parts(acts: &[Action]) -> (String, String) {
         acts.iter()
             .find_map(|a| match a {
-                Action::ToClient(f) if f.command == Command::Error => Some((
+                Action::Client(ToClient::Frame(f)) if f.command == Command::Error => Some((
                     f.header("message").unwrap_or_default().to_owned(),
                     String::from_utf8_lossy(&f.body).into_owned(),
                 )),
@@ -1534,14 +1559,14 @@ mod tests {
         let msg = acts
             .iter()
             .find_map(|a| match a {
-                Action::ToClient(f) if f.command == Command::Error => {
+                Action::Client(ToClient::Frame(f)) if f.command == Command::Error => {
                     f.header("message").map(str::to_owned)
                 }
                 _ => None,
             })
             .expect("an ERROR frame");
         let reason = match acts.last() {
-            Some(Action::CloseClient(r)) => r.clone(),
+            Some(Action::Client(ToClient::Close(r))) => r.clone(),
             other => panic!("last action should close the client: {other:?}"),
         };
         (msg, reason)
@@ -1553,7 +1578,7 @@ mod tests {
         let mut s = Session::new(config(), "s1", t0);
         s.handle_client_frame(t0, connect_frame("2000,500"));
         let acts = drain(&mut s);
-        let Action::ConnectBroker(c) = &acts[0] else {
+        let Action::Relay(ToRelay::Open(c)) = &acts[0] else {
             panic!("{acts:?}")
         };
         assert_eq!(c.header("login"), Some("relay"));
@@ -1570,7 +1595,7 @@ mod tests {
                 .with_header("heart-beat", "0,10000"),
         );
         let acts = drain(&mut s);
-        let Action::ToClient(c) = &acts[0] else {
+        let Action::Client(ToClient::Frame(c)) = &acts[0] else {
             panic!("{acts:?}")
         };
         assert_eq!(c.header("version"), Some("1.2"));
@@ -1640,9 +1665,11 @@ mod tests {
             Frame::new(Command::Connected).with_header("version", "1.2"),
         );
         let acts = drain(&mut s);
-        assert!(matches!(&acts[0], Action::ToClient(f) if f.command == Command::Connected));
-        assert_eq!(acts[1], Action::ToBroker(sub));
-        assert_eq!(acts[2], Action::ToBroker(send));
+        assert!(
+            matches!(&acts[0], Action::Client(ToClient::Frame(f)) if f.command == Command::Connected)
+        );
+        assert_eq!(acts[1], Action::Relay(ToRelay::Frame(sub)));
+        assert_eq!(acts[2], Action::Relay(ToRelay::Frame(send)));
         assert_eq!(acts.len(), 3);
     }
 
@@ -1662,7 +1689,7 @@ mod tests {
         let (msg, body) = error_parts(&acts);
         assert_eq!(msg, "Limit exceeded: session.max_pending_frames");
         assert!(body.contains("too many frames"), "{body}");
-        assert!(acts.contains(&Action::CloseBroker));
+        assert!(acts.contains(&Action::Relay(ToRelay::Close)));
     }
 
     #[test]
@@ -1692,8 +1719,11 @@ mod tests {
             );
             assert!(body.starts_with(want), "{body} / {want}");
             // The broker leg is closed cleanly, and nothing was relayed.
-            assert_eq!(acts[1], Action::ToBroker(Frame::new(Command::Disconnect)));
-            assert_eq!(acts[2], Action::CloseBroker);
+            assert_eq!(
+                acts[1],
+                Action::Relay(ToRelay::Frame(Frame::new(Command::Disconnect)))
+            );
+            assert_eq!(acts[2], Action::Relay(ToRelay::Close));
         }
     }
 
@@ -1738,7 +1768,7 @@ mod tests {
                 .with_header("destination", "/queue/q")
         };
         s.handle_client_frame(t0, sub("a"));
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(sub("a"))]);
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(sub("a")))]);
         assert_eq!(s.subscription_count(), 1);
 
         let unsub_unknown = Frame::new(Command::Unsubscribe)
@@ -1747,9 +1777,9 @@ mod tests {
         s.handle_client_frame(t0, unsub_unknown);
         assert_eq!(
             drain(&mut s),
-            vec![Action::ToClient(
+            vec![Action::Client(ToClient::Frame(
                 Frame::new(Command::Receipt).with_header("receipt-id", "r1")
-            )]
+            ))]
         );
         s.handle_client_frame(
             t0,
@@ -1759,7 +1789,10 @@ mod tests {
 
         let unsub = Frame::new(Command::Unsubscribe).with_header("id", "a");
         s.handle_client_frame(t0, unsub.clone());
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(unsub.clone())]);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Relay(ToRelay::Frame(unsub.clone()))]
+        );
         // A second UNSUBSCRIBE of the same id is not forwarded either.
         s.handle_client_frame(t0, unsub);
         assert!(drain(&mut s).is_empty());
@@ -1807,15 +1840,17 @@ mod tests {
             .with_header("subscription", "a")
             .with_body("x");
         s.handle_broker_frame(t0, msg.clone());
-        assert_eq!(drain(&mut s), vec![Action::ToClient(msg)]);
+        assert_eq!(drain(&mut s), vec![Action::Client(ToClient::Frame(msg))]);
         let err = Frame::error("not_found", "no exchange 'nope'");
         s.handle_broker_frame(t0, err.clone());
         let acts = drain(&mut s);
-        assert_eq!(acts[0], Action::ToClient(err));
-        assert_eq!(acts[1], Action::CloseBroker);
+        assert_eq!(acts[0], Action::Client(ToClient::Frame(err)));
+        assert_eq!(acts[1], Action::Relay(ToRelay::Close));
         assert_eq!(
             acts[2],
-            Action::CloseClient(CloseReason::BrokerError("not_found".into()))
+            Action::Client(ToClient::Close(CloseReason::BrokerError(
+                "not_found".into()
+            )))
         );
         assert!(s.is_closed());
     }
@@ -1848,16 +1883,16 @@ mod tests {
         let mut s = connected(t0, "0,0");
         let d = Frame::new(Command::Disconnect).with_header("receipt", "bye");
         s.handle_client_frame(t0, d.clone());
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(d)]);
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(d))]);
         assert!(!s.is_closed());
         let r = Frame::new(Command::Receipt).with_header("receipt-id", "bye");
         s.handle_broker_frame(t0, r.clone());
         assert_eq!(
             drain(&mut s),
             vec![
-                Action::ToClient(r),
-                Action::CloseBroker,
-                Action::CloseClient(CloseReason::ClientDisconnect)
+                Action::Client(ToClient::Frame(r)),
+                Action::Relay(ToRelay::Close),
+                Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
             ]
         );
     }
@@ -1887,9 +1922,9 @@ mod tests {
         assert_eq!(
             drain(&mut s),
             vec![
-                Action::ToBroker(Frame::new(Command::Disconnect)),
-                Action::CloseBroker,
-                Action::CloseClient(CloseReason::ClientDisconnect)
+                Action::Relay(ToRelay::Frame(Frame::new(Command::Disconnect))),
+                Action::Relay(ToRelay::Close),
+                Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
             ]
         );
     }
@@ -1902,8 +1937,8 @@ mod tests {
         assert_eq!(
             drain(&mut s),
             vec![
-                Action::ToBroker(Frame::new(Command::Disconnect)),
-                Action::CloseBroker
+                Action::Relay(ToRelay::Frame(Frame::new(Command::Disconnect))),
+                Action::Relay(ToRelay::Close)
             ]
         );
         assert_eq!(s.close_reason(), Some(&CloseReason::ClientGone));
@@ -1912,7 +1947,7 @@ mod tests {
         s.handle_client_frame(t0, connect_frame("0,0"));
         drain(&mut s);
         s.handle_client_closed(t0);
-        assert_eq!(drain(&mut s), vec![Action::CloseBroker]);
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Close)]);
     }
 
     #[test]
@@ -1969,8 +2004,8 @@ mod tests {
             }
             for a in drain(&mut s) {
                 match a {
-                    Action::ClientHeartbeat => client_beats += 1,
-                    Action::BrokerHeartbeat => broker_beats += 1,
+                    Action::Client(ToClient::Heartbeat) => client_beats += 1,
+                    Action::Relay(ToRelay::Heartbeat) => broker_beats += 1,
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -1985,7 +2020,7 @@ mod tests {
         s.handle_broker_frame(now + 900 * MS, m);
         drain(&mut s);
         s.handle_timeout(now + 1_000 * MS);
-        assert!(!drain(&mut s).contains(&Action::ClientHeartbeat));
+        assert!(!drain(&mut s).contains(&Action::Client(ToClient::Heartbeat)));
     }
 
     #[test]
@@ -2001,7 +2036,7 @@ mod tests {
         let (msg, reason) = error_then_close(&acts);
         assert_eq!(msg, "heart-beat timeout");
         assert_eq!(reason, CloseReason::ClientHeartbeatTimeout);
-        assert!(acts.contains(&Action::CloseBroker));
+        assert!(acts.contains(&Action::Relay(ToRelay::Close)));
     }
 
     #[test]
@@ -2032,7 +2067,7 @@ mod tests {
             Frame::new(Command::Connected).with_header("version", "1.0"),
         );
         let acts = drain(&mut s);
-        let Action::ToClient(c) = &acts[0] else {
+        let Action::Client(ToClient::Frame(c)) = &acts[0] else {
             panic!()
         };
         assert_eq!(c.header("version"), Some("1.0"));
@@ -2040,10 +2075,10 @@ mod tests {
         assert_eq!(s.client_heartbeats(), (None, None));
         let sub = Frame::new(Command::Subscribe).with_header("destination", "/topic/x");
         s.handle_client_frame(t0, sub.clone());
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(sub)]);
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(sub))]);
         let unsub = Frame::new(Command::Unsubscribe).with_header("destination", "/topic/x");
         s.handle_client_frame(t0, unsub.clone());
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(unsub)]);
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(unsub))]);
     }
 
     #[test]
@@ -2143,7 +2178,7 @@ mod tests {
             .with_body("{}");
         s.handle_client_frame(t0, send);
         let acts = drain(&mut s);
-        let [Action::Publish(p)] = acts.as_slice() else {
+        let [Action::App(p)] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         assert_eq!(p.routing_key, "chat.sendMessage");
@@ -2157,9 +2192,9 @@ mod tests {
         s.handle_publish_result(t0, p.id, Ok(()));
         assert_eq!(
             drain(&mut s),
-            vec![Action::ToClient(
+            vec![Action::Client(ToClient::Frame(
                 Frame::new(Command::Receipt).with_header("receipt-id", "r1")
-            )]
+            ))]
         );
         assert_eq!(s.inflight_publishes(), 0);
         assert_eq!(s.principal(), "session-s9");
@@ -2188,7 +2223,7 @@ mod tests {
         // SUBSCRIBE without a receipt gets one of the gateway's own.
         s.handle_client_frame(t0, subscribe("sub-0"));
         let acts = drain(&mut s);
-        let [Action::ToBroker(sub)] = acts.as_slice() else {
+        let [Action::Relay(ToRelay::Frame(sub))] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         let own = sub.header("receipt").unwrap().to_owned();
@@ -2207,7 +2242,7 @@ mod tests {
         let bodies: Vec<&[u8]> = acts
             .iter()
             .map(|a| match a {
-                Action::Publish(p) => &p.body[..],
+                Action::App(p) => &p.body[..],
                 other => panic!("only publishes: {other:?}"),
             })
             .collect();
@@ -2215,7 +2250,11 @@ mod tests {
         // The DISCONNECT follows the confirms.
         s.handle_publish_result(t0, 1, Ok(()));
         s.handle_publish_result(t0, 2, Ok(()));
-        assert!(drain(&mut s).contains(&Action::ToBroker(Frame::new(Command::Disconnect))));
+        assert!(
+            drain(&mut s).contains(&Action::Relay(ToRelay::Frame(Frame::new(
+                Command::Disconnect
+            ))))
+        );
     }
 
     #[test]
@@ -2224,7 +2263,7 @@ mod tests {
         let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
         s.handle_client_frame(t0, subscribe("sub-0").with_header("receipt", "mine"));
         let acts = drain(&mut s);
-        let [Action::ToBroker(sub)] = acts.as_slice() else {
+        let [Action::Relay(ToRelay::Frame(sub))] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         assert_eq!(sub.header("receipt"), Some("mine"));
@@ -2232,11 +2271,15 @@ mod tests {
         assert_eq!(drain(&mut s), vec![]);
         s.handle_broker_frame(t0, receipt("mine"));
         let acts = drain(&mut s);
-        assert_eq!(acts[0], Action::ToClient(receipt("mine")), "{acts:?}");
-        assert!(matches!(acts[1], Action::Publish(_)), "{acts:?}");
+        assert_eq!(
+            acts[0],
+            Action::Client(ToClient::Frame(receipt("mine"))),
+            "{acts:?}"
+        );
+        assert!(matches!(acts[1], Action::App(_)), "{acts:?}");
         // With nothing awaited, SENDs go out at once; relay SENDs never wait.
         s.handle_client_frame(t0, app_send("now"));
-        assert!(matches!(drain(&mut s).as_slice(), [Action::Publish(_)]));
+        assert!(matches!(drain(&mut s).as_slice(), [Action::App(_)]));
     }
 
     #[test]
@@ -2248,7 +2291,7 @@ mod tests {
         let (mut s, _) = connected_with(cfg.clone(), t0, connect_frame("0,0"));
         s.handle_client_frame(t0, subscribe("sub-0"));
         let own = match drain(&mut s).as_slice() {
-            [Action::ToBroker(f)] => f.header("receipt").unwrap().to_owned(),
+            [Action::Relay(ToRelay::Frame(f))] => f.header("receipt").unwrap().to_owned(),
             other => panic!("{other:?}"),
         };
         s.handle_client_frame(t0, app_send("hello"));
@@ -2257,7 +2300,7 @@ mod tests {
         assert_eq!(drain(&mut s), vec![]);
         // No receipt in time: the SEND goes out anyway.
         s.handle_timeout(t0 + timeout);
-        assert!(matches!(drain(&mut s).as_slice(), [Action::Publish(_)]));
+        assert!(matches!(drain(&mut s).as_slice(), [Action::App(_)]));
         // The late receipt is the gateway's: swallowed.
         s.handle_broker_frame(t0 + timeout, receipt(&own));
         assert_eq!(drain(&mut s), vec![]);
@@ -2283,7 +2326,7 @@ mod tests {
         let send = || Frame::new(Command::Send).with_header("destination", "/app/x");
         s.handle_client_frame(t0, send());
         let acts = drain(&mut s);
-        let [Action::Publish(p)] = acts.as_slice() else {
+        let [Action::App(p)] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         s.handle_publish_result(
@@ -2294,7 +2337,7 @@ mod tests {
         let acts = drain(&mut s);
         let (msg, _) = error_then_close(&acts);
         assert_eq!(msg, "message not delivered");
-        let Action::ToClient(err) = &acts[0] else {
+        let Action::Client(ToClient::Frame(err)) = &acts[0] else {
             panic!()
         };
         assert!(std::str::from_utf8(&err.body)
@@ -2327,14 +2370,14 @@ mod tests {
             Frame::new(Command::Send).with_header("destination", "/app/x"),
         );
         let acts = drain(&mut s);
-        let [Action::Publish(p)] = acts.as_slice() else {
+        let [Action::App(p)] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         let d = Frame::new(Command::Disconnect).with_header("receipt", "bye");
         s.handle_client_frame(t0, d.clone());
         assert!(drain(&mut s).is_empty());
         s.handle_publish_result(t0, p.id, Ok(()));
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(d)]);
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(d))]);
     }
 
     #[test]
@@ -2343,7 +2386,7 @@ mod tests {
         let connect = connect_frame("0,0").with_header("token", "alice-token");
         let (mut s, acts) =
             connected_with(cp_config(Some(Arc::new(TokenAuth)), false), t0, connect);
-        let Action::ToClient(c) = &acts[0] else {
+        let Action::Client(ToClient::Frame(c)) = &acts[0] else {
             panic!("{acts:?}")
         };
         assert_eq!(c.header("user-name"), Some("alice"));
@@ -2355,7 +2398,7 @@ mod tests {
                 .with_header("destination", "/user/queue/notifications"),
         );
         let acts = drain(&mut s);
-        let [Action::ToBroker(sub)] = acts.as_slice() else {
+        let [Action::Relay(ToRelay::Frame(sub))] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         assert_eq!(
@@ -2372,7 +2415,7 @@ mod tests {
                 ),
         );
         let acts = drain(&mut s);
-        let [Action::ToClient(m)] = acts.as_slice() else {
+        let [Action::Client(ToClient::Frame(m))] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         assert_eq!(m.header("destination"), Some("/user/queue/notifications"));
@@ -2384,7 +2427,7 @@ mod tests {
                 .with_header("destination", "/topic/a"),
         );
         let acts = drain(&mut s);
-        let [Action::ToClient(m)] = acts.as_slice() else {
+        let [Action::Client(ToClient::Frame(m))] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         assert_eq!(m.header("destination"), Some("/topic/a"));
@@ -2399,7 +2442,9 @@ mod tests {
         assert_eq!(msg, "authentication failed");
         assert!(s.is_closed());
         // Nothing reached the broker.
-        assert!(!acts.iter().any(|a| matches!(a, Action::ConnectBroker(_))));
+        assert!(!acts
+            .iter()
+            .any(|a| matches!(a, Action::Relay(ToRelay::Open(_)))));
     }
 
     #[test]
@@ -2417,7 +2462,7 @@ mod tests {
         let (mut s, _) = connected_with(cp_config(None, true), t0, connect_frame("0,0"));
         s.handle_client_frame(t0, send);
         let acts = drain(&mut s);
-        let [Action::ToBroker(f)] = acts.as_slice() else {
+        let [Action::Relay(ToRelay::Frame(f))] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         assert_eq!(
@@ -2452,11 +2497,14 @@ mod tests {
             .with_header("destination", "/queue/q")
             .with_header("receipt", "r1");
         s.handle_client_frame(t0, send.clone());
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(send)]);
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(send))]);
         s.handle_drain(t0);
         let drain_disconnect =
             Frame::new(Command::Disconnect).with_header("receipt", "stomp-gateway-drain-s1");
-        assert_eq!(drain(&mut s), vec![Action::ToBroker(drain_disconnect)]);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Relay(ToRelay::Frame(drain_disconnect))]
+        );
         // Frames the client sends now are not relayed (and not receipted).
         s.handle_client_frame(
             t0,
@@ -2466,7 +2514,7 @@ mod tests {
         // The client's receipt still arrives, then the drain receipt ends it.
         let r1 = Frame::new(Command::Receipt).with_header("receipt-id", "r1");
         s.handle_broker_frame(t0, r1.clone());
-        assert_eq!(drain(&mut s), vec![Action::ToClient(r1)]);
+        assert_eq!(drain(&mut s), vec![Action::Client(ToClient::Frame(r1))]);
         s.handle_broker_frame(
             t0,
             Frame::new(Command::Receipt).with_header("receipt-id", "stomp-gateway-drain-s1"),
@@ -2476,9 +2524,11 @@ mod tests {
         assert_eq!(msg, "server shutting down");
         assert_eq!(reason, CloseReason::Shutdown);
         assert_eq!(reason.ws_code(), 1001);
-        assert!(acts.contains(&Action::CloseBroker));
+        assert!(acts.contains(&Action::Relay(ToRelay::Close)));
         // The drain DISCONNECT is the broker leg's last frame: no second one.
-        assert!(!acts.iter().any(|a| matches!(a, Action::ToBroker(_))));
+        assert!(!acts
+            .iter()
+            .any(|a| matches!(a, Action::Relay(ToRelay::Frame(_)))));
     }
 
     #[test]
@@ -2492,7 +2542,7 @@ mod tests {
                 .with_header("receipt", "a1"),
         );
         let acts = drain(&mut s);
-        let [Action::Publish(p)] = acts.as_slice() else {
+        let [Action::App(p)] = acts.as_slice() else {
             panic!("{acts:?}")
         };
         s.handle_drain(t0);
@@ -2501,9 +2551,13 @@ mod tests {
         let acts = drain(&mut s);
         assert_eq!(
             acts[0],
-            Action::ToClient(Frame::new(Command::Receipt).with_header("receipt-id", "a1"))
+            Action::Client(ToClient::Frame(
+                Frame::new(Command::Receipt).with_header("receipt-id", "a1")
+            ))
         );
-        assert!(matches!(&acts[1], Action::ToBroker(f) if f.command == Command::Disconnect));
+        assert!(
+            matches!(&acts[1], Action::Relay(ToRelay::Frame(f)) if f.command == Command::Disconnect)
+        );
     }
 
     #[test]
@@ -2547,7 +2601,7 @@ mod tests {
             Frame::new(Command::Connected).with_header("version", "1.2"),
         );
         let acts = drain(&mut s);
-        let Some(Action::ToClient(c)) = acts.first() else {
+        let Some(Action::Client(ToClient::Frame(c))) = acts.first() else {
             panic!("{acts:?}")
         };
         (s, c.clone())
@@ -2578,7 +2632,10 @@ mod tests {
             };
             // We beat at the interval...
             s.handle_timeout(t0 + i);
-            assert!(drain(&mut s).contains(&Action::ClientHeartbeat), "{hb}");
+            assert!(
+                drain(&mut s).contains(&Action::Client(ToClient::Heartbeat)),
+                "{hb}"
+            );
             // ...and a client silent for twice the interval is dead.
             s.handle_timeout(t0 + i * 2 - MS);
             assert!(!s.is_closed(), "{hb}");
@@ -2639,7 +2696,7 @@ mod tests {
         assert!(body.contains("more than 2 open transactions"), "{body}");
         assert_eq!(s.limit_hit(), Some("session.max_transactions"));
         // The refused BEGIN never reached the broker.
-        assert!(!acts.contains(&Action::ToBroker(begin("d"))));
+        assert!(!acts.contains(&Action::Relay(ToRelay::Frame(begin("d")))));
 
         // BEGIN without a name: RabbitMQ's words.
         let mut s = connected(t0, "0,0");
@@ -2678,7 +2735,7 @@ mod tests {
         );
         assert!(!acts
             .iter()
-            .any(|a| matches!(a, Action::ToBroker(f) if f.command == Command::Send)));
+            .any(|a| matches!(a, Action::Relay(ToRelay::Frame(f)) if f.command == Command::Send)));
     }
 
     #[test]
