@@ -106,6 +106,9 @@ impl Shared {
             user_exchange: config.user.exchange.clone(),
             user_send_enabled: config.user.client_send_enabled,
             max_inflight_publishes: config.app.max_inflight_per_session,
+            // The relay leg opens with the session, as it always has; the
+            // core can also open it on the first frame that needs it.
+            open_relay_at_connect: true,
             authenticator,
         };
         let client_limits = Limits {

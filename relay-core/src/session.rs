@@ -11,10 +11,25 @@
 //! Life of a session:
 //!
 //! ```text
-//! AwaitingConnect --CONNECT--> ConnectingBroker --broker CONNECTED--> Connected
-//!        |                          |  (client frames held, bounded)     |
-//!        +--------------------------+------------------------------------+--> Closed
+//! AwaitingConnect --CONNECT--> ConnectingBroker --relay CONNECTED--> Connected --DISCONNECT/drain--> Closing
+//!        |            |              |  (client frames held, bounded)    |                              |
+//!        |            +--(no relay leg at CONNECT)---------------------->+                              |
+//!        +---------------------------+-----------------------------------+------------------------------+--> Closed
 //! ```
+//!
+//! Legs: the client, the relay leg (this session's own broker connection)
+//! and the application publisher (AMQP with confirms). A session can be
+//! CONNECTED with no relay leg ([`SessionConfig::open_relay_at_connect`]
+//! false): the leg is opened when the first frame that needs it arrives,
+//! and frames for it wait (bounded) until it is connected. By default it is
+//! opened at CONNECT and CONNECTED waits for it, as the relay always did.
+//!
+//! What the session still owes the client is kept across legs (`Owed`):
+//! the confirms of application SENDs (each answered with its receipt) and,
+//! while closing, the relay leg's flush (a DISCONNECT with a receipt: when
+//! its RECEIPT arrives, every earlier relayed frame was handled and its
+//! receipt relayed). A DISCONNECT with a receipt, or a drain, completes
+//! when nothing is owed on any leg, in whatever order the legs answer.
 //!
 //! The decision "which path serves this frame" is made in one place,
 //! [`Session::route_client_frame`], using [`crate::destination::Router`].
@@ -109,6 +124,10 @@ pub struct SessionConfig {
     pub user_send_enabled: bool,
     /// Application publishes awaiting a broker confirm, per session.
     pub max_inflight_publishes: usize,
+    /// Open the relay leg at CONNECT and answer CONNECTED once it is
+    /// connected (true, the default), or answer CONNECTED at once and open
+    /// the relay leg when the first frame needs it (false).
+    pub open_relay_at_connect: bool,
     /// Decides who the client is; `None` means everyone is anonymous.
     pub authenticator: Option<Arc<dyn Authenticate>>,
 }
@@ -137,6 +156,7 @@ impl Default for SessionConfig {
             user_exchange: "stomp.user".into(),
             user_send_enabled: false,
             max_inflight_publishes: 256,
+            open_relay_at_connect: true,
             authenticator: None,
         }
     }
@@ -247,20 +267,49 @@ impl fmt::Display for CloseReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     AwaitingConnect,
+    /// CONNECT received, the relay leg opened with it: CONNECTED waits for
+    /// the leg's CONNECTED.
     ConnectingBroker,
     Connected,
-    /// DISCONNECT with a receipt forwarded; waiting for the broker's RECEIPT.
-    Disconnecting {
-        receipt: String,
-    },
-    /// The gateway is draining: DISCONNECT with a receipt of the gateway's
-    /// own sent to the broker; its RECEIPT means every earlier frame was
-    /// handled (and every earlier receipt delivered), then the client is
-    /// told and closed.
-    Draining {
-        receipt: String,
-    },
+    /// DISCONNECT or drain: waiting until nothing is owed to the client,
+    /// then the client gets what the closing promised and is closed.
+    Closing(Closing),
     Closed,
+}
+
+/// Why the session is closing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Closing {
+    /// The client sent DISCONNECT (with this receipt, if any).
+    Disconnect { receipt: Option<String> },
+    /// The gateway is draining: ERROR `server shutting down`, close 1001.
+    Drain,
+}
+
+/// The relay leg: this session's own broker connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// None open (not yet needed, or closed after its flush).
+    Absent,
+    /// Opened; its CONNECTED has not come yet.
+    Opening,
+    Open,
+}
+
+/// What the session still owes the client, across its legs.
+#[derive(Debug, Default)]
+struct Owed {
+    /// Application publishes awaiting a confirm: id → receipt to send.
+    publishes: HashMap<u64, Option<String>>,
+    /// The receipt of the DISCONNECT that flushes the relay leg, until its
+    /// RECEIPT arrives.
+    relay_flush: Option<String>,
+}
+
+impl Owed {
+    fn settled(&self) -> bool {
+        self.publishes.is_empty() && self.relay_flush.is_none()
+    }
 }
 
 /// One client session. See the module docs.
@@ -293,13 +342,18 @@ pub struct Session {
     /// Subscription id → destination the client asked for, for user
     /// destinations (rewritten back on MESSAGE).
     user_subscriptions: HashMap<String, String>,
-    /// Application publishes awaiting a confirm: id → receipt to send.
-    inflight: HashMap<u64, Option<String>>,
+    /// What the session still owes the client, across legs.
+    owed: Owed,
     next_publish_id: u64,
-    /// A DISCONNECT waiting for in-flight publishes to be confirmed.
-    deferred_disconnect: Option<Frame>,
-    /// Drain requested; waiting for in-flight publishes before it starts.
-    drain_requested: bool,
+    /// The relay leg.
+    relay: Relay,
+    /// When the relay leg was opened (its CONNECTED deadline).
+    relay_since: Instant,
+    /// The CONNECT for the relay leg, built at CONNECT, until the leg opens.
+    relay_connect: Option<Frame>,
+    /// Frames for the relay leg while it opens after CONNECTED (bounded by
+    /// `max_pending_frames`).
+    relay_queue: VecDeque<Frame>,
     /// Open transactions: name → bytes sent inside it so far.
     transactions: HashMap<String, usize>,
     /// SEND token bucket: tokens left at `tokens_at`.
@@ -344,10 +398,12 @@ impl Session {
             client_heartbeat: HeartBeat::default(),
             user: None,
             user_subscriptions: HashMap::new(),
-            inflight: HashMap::new(),
+            owed: Owed::default(),
             next_publish_id: 1,
-            deferred_disconnect: None,
-            drain_requested: false,
+            relay: Relay::Absent,
+            relay_since: now,
+            relay_connect: None,
+            relay_queue: VecDeque::new(),
             transactions: HashMap::new(),
             tokens: burst,
             tokens_at: now,
@@ -396,12 +452,12 @@ impl Session {
 
     /// Application publishes awaiting a broker confirm.
     pub fn inflight_publishes(&self) -> usize {
-        self.inflight.len()
+        self.owed.publishes.len()
     }
 
     /// The broker confirmed (`Ok`) or refused (`Err(reason)`) publish `id`.
     pub fn handle_publish_result(&mut self, now: Instant, id: u64, result: Result<(), String>) {
-        let Some(receipt) = self.inflight.remove(&id) else {
+        let Some(receipt) = self.owed.publishes.remove(&id) else {
             return;
         };
         if self.state == State::Closed {
@@ -415,13 +471,7 @@ impl Session {
                         Frame::new(Command::Receipt).with_header("receipt-id", r),
                     );
                 }
-                if self.inflight.is_empty() && self.barrier.held() == 0 {
-                    if let Some(d) = self.deferred_disconnect.take() {
-                        self.route_client_frame(now, d);
-                    } else if self.drain_requested && self.state == State::Connected {
-                        self.start_drain(now);
-                    }
-                }
+                self.close_if_settled(now);
             }
             Err(reason) => self.client_error(now, "message not delivered", reason),
         }
@@ -444,10 +494,7 @@ impl Session {
 
     /// True once CONNECTED was sent to the client and the session is relaying.
     pub fn is_connected(&self) -> bool {
-        matches!(
-            self.state,
-            State::Connected | State::Disconnecting { .. } | State::Draining { .. }
-        )
+        matches!(self.state, State::Connected | State::Closing(_))
     }
 
     /// True once the session has ended; the driver stops after flushing.
@@ -501,19 +548,12 @@ impl Session {
                     );
                 }
                 if self.pending.len() >= self.config.max_pending_frames {
-                    let limit = self.config.max_pending_frames;
-                    return self.limit_error(
-                        now,
-                        "session.max_pending_frames",
-                        format!(
-                            "too many frames before the broker connection was ready: at most {limit} frames are held while the broker connection opens"
-                        ),
-                    );
+                    return self.too_many_held_frames(now);
                 }
                 self.pending.push_back(frame);
             }
             State::Connected => self.route_client_frame(now, frame),
-            State::Disconnecting { .. } | State::Draining { .. } | State::Closed => {}
+            State::Closing(_) | State::Closed => {}
         }
     }
 
@@ -596,29 +636,59 @@ impl Session {
     /// The gateway is draining (SIGTERM): finish what the client is owed
     /// (confirms of application publishes, receipts of relayed frames), then
     /// send an ERROR saying the server is restarting and close with 1001 so
-    /// the client reconnects elsewhere. Client frames that arrive after the
-    /// broker leg got its DISCONNECT are dropped unanswered (no receipt).
+    /// the client reconnects elsewhere. Client frames that arrive once the
+    /// drain started are dropped unanswered (no receipt).
     pub fn handle_drain(&mut self, now: Instant) {
         match self.state {
-            State::Closed | State::Draining { .. } | State::Disconnecting { .. } => {}
+            State::Closed | State::Closing(_) => {}
             State::AwaitingConnect | State::ConnectingBroker => self.handle_shutdown(now),
             State::Connected => {
-                self.drain_requested = true;
-                if self.inflight.is_empty() && self.barrier.held() == 0 {
-                    self.start_drain(now);
-                }
+                let flush = format!("stomp-gateway-drain-{}", self.id);
+                self.start_closing(now, Closing::Drain, Some(flush));
             }
         }
     }
 
-    fn start_drain(&mut self, now: Instant) {
-        let receipt = format!("stomp-gateway-drain-{}", self.id);
-        self.emit_broker(
-            now,
-            Frame::new(Command::Disconnect).with_header("receipt", receipt.clone()),
-        );
-        self.state = State::Draining { receipt };
+    /// Enters `Closing`: with `flush`, a relay leg gets a DISCONNECT with
+    /// that receipt (what it owes is settled when the RECEIPT comes back);
+    /// then the session closes as soon as nothing is owed on any leg.
+    fn start_closing(&mut self, now: Instant, closing: Closing, flush: Option<String>) {
+        self.state = State::Closing(closing);
         self.phase_started = now;
+        if let Some(receipt) = flush {
+            if self.relay != Relay::Absent {
+                self.emit_broker(
+                    now,
+                    Frame::new(Command::Disconnect).with_header("receipt", receipt.clone()),
+                );
+                self.owed.relay_flush = Some(receipt);
+            }
+        }
+        self.close_if_settled(now);
+    }
+
+    /// Completes a closing once nothing is owed to the client on any leg.
+    fn close_if_settled(&mut self, now: Instant) {
+        let State::Closing(closing) = &self.state else {
+            return;
+        };
+        // Held application SENDs are owed too: they go out first.
+        if !self.owed.settled() || self.barrier.held() > 0 {
+            return;
+        }
+        match closing.clone() {
+            Closing::Disconnect { receipt } => {
+                self.close_broker_leg();
+                if let Some(r) = receipt {
+                    self.emit_client(
+                        now,
+                        Frame::new(Command::Receipt).with_header("receipt-id", r),
+                    );
+                }
+                self.finish(CloseReason::ClientDisconnect, true);
+            }
+            Closing::Drain => self.handle_shutdown(now),
+        }
     }
 
     // ----- inputs from the broker ---------------------------------------
@@ -636,37 +706,32 @@ impl Session {
             return;
         }
         match (&self.state, frame.command) {
-            (State::ConnectingBroker, Command::Connected) => self.on_broker_connected(now, frame),
             (State::Closed, _) | (State::AwaitingConnect, _) => {}
+            (_, Command::Connected) if self.relay == Relay::Opening => {
+                self.on_relay_connected(now, frame)
+            }
             (_, Command::Error) => {
                 let message = frame.header("message").unwrap_or("(no message)").to_owned();
                 self.emit_client(now, frame);
+                self.relay = Relay::Absent;
                 self.actions.push_back(Action::Relay(ToRelay::Close));
                 self.finish(CloseReason::BrokerError(message), true);
             }
-            (State::Connected, Command::Message) => {
+            (State::Connected | State::Closing(_), Command::Message) => {
                 let frame = self.rewrite_user_message(frame);
                 self.emit_client(now, frame)
             }
-            (State::Connected, Command::Receipt) => self.emit_client(now, frame),
-            (State::Disconnecting { receipt }, Command::Receipt) => {
-                let done = frame.header("receipt-id") == Some(receipt.as_str());
-                self.emit_client(now, frame);
-                if done {
+            (State::Connected | State::Closing(_), Command::Receipt) => {
+                let id = frame.header("receipt-id");
+                if id.is_some() && id == self.owed.relay_flush.as_deref() {
+                    // The relay leg handled everything: it owes nothing more.
+                    self.owed.relay_flush = None;
+                    self.relay = Relay::Absent;
                     self.actions.push_back(Action::Relay(ToRelay::Close));
-                    self.finish(CloseReason::ClientDisconnect, true);
-                }
-            }
-            (State::Draining { receipt }, Command::Receipt) => {
-                if frame.header("receipt-id") == Some(receipt.as_str()) {
-                    self.handle_shutdown(now);
+                    self.close_if_settled(now);
                 } else {
                     self.emit_client(now, frame);
                 }
-            }
-            (State::Disconnecting { .. } | State::Draining { .. }, Command::Message) => {
-                let frame = self.rewrite_user_message(frame);
-                self.emit_client(now, frame)
             }
             // Anything else from the broker (a second CONNECTED, a client
             // command) has no meaning for the client; drop it.
@@ -695,12 +760,17 @@ impl Session {
                 ),
             ),
         );
+        self.relay = Relay::Absent;
         self.actions.push_back(Action::Relay(ToRelay::Close));
         self.finish(CloseReason::BrokerError(message.to_owned()), true);
     }
 
     /// The broker connection could not be opened, or was lost.
     pub fn handle_broker_failed(&mut self, now: Instant, reason: &str) {
+        if self.relay == Relay::Absent {
+            // No leg (or one closed after its flush): nothing to lose.
+            return;
+        }
         match self.state {
             State::Closed => {}
             State::AwaitingConnect => {}
@@ -712,6 +782,7 @@ impl Session {
                         format!("the connection to the message broker failed: {reason}"),
                     ),
                 );
+                self.relay = Relay::Absent;
                 self.actions.push_back(Action::Relay(ToRelay::Close));
                 self.finish(CloseReason::BrokerLost(reason.to_owned()), true);
             }
@@ -732,14 +803,19 @@ impl Session {
         match self.state {
             State::Closed => return None,
             State::AwaitingConnect => consider(self.phase_started + self.config.connect_timeout),
-            State::ConnectingBroker | State::Disconnecting { .. } | State::Draining { .. } => {
+            State::ConnectingBroker => consider(self.phase_started + self.config.broker_timeout),
+            State::Closing(_) if self.closing_deadline_applies() => {
                 consider(self.phase_started + self.config.broker_timeout)
             }
-            State::Connected => {
-                if let Some(t) = self.barrier.deadline() {
-                    consider(t);
-                }
+            State::Closing(_) | State::Connected => {}
+        }
+        if self.is_connected() {
+            if let Some(t) = self.barrier.deadline() {
+                consider(t);
             }
+        }
+        if self.relay == Relay::Opening && self.state != State::ConnectingBroker {
+            consider(self.relay_since + self.config.broker_timeout);
         }
         if let Some(t) = self.partial_since {
             consider(t + self.config.frame_timeout);
@@ -751,6 +827,8 @@ impl Session {
             if let Some(i) = self.client_receive {
                 consider(self.last_client_rx + heartbeat::receive_deadline(i));
             }
+        }
+        if self.is_connected() && self.relay == Relay::Open {
             if let Some(i) = self.broker_send {
                 consider(self.last_broker_tx + i);
             }
@@ -802,35 +880,42 @@ impl Session {
                 }
                 return;
             }
-            State::Disconnecting { .. } => {
-                if now >= self.phase_started + self.config.broker_timeout {
+            State::Closing(_) => {
+                if self.closing_deadline_applies()
+                    && now >= self.phase_started + self.config.broker_timeout
+                {
                     let ms = self.config.broker_timeout.as_millis();
-                    self.handle_broker_failed(
-                        now,
-                        &format!("no RECEIPT for DISCONNECT within {ms} ms"),
-                    );
-                    return;
-                }
-            }
-            State::Draining { .. } => {
-                // The broker did not confirm in time: close anyway; the
-                // client resends what it has no receipt for.
-                if now >= self.phase_started + self.config.broker_timeout {
-                    self.handle_shutdown(now);
-                    return;
-                }
-            }
-            State::Connected => {
-                if self.barrier.deadline().is_some_and(|t| now >= t) {
-                    // The broker is slow to confirm a SUBSCRIBE: stop
-                    // holding the SENDs behind it.
-                    self.barrier.expire(now);
-                    self.release_held(now);
-                    if self.state != State::Connected {
-                        return;
+                    if self.state == State::Closing(Closing::Drain) {
+                        // Not confirmed in time: close anyway; the client
+                        // resends what it has no receipt for.
+                        self.handle_shutdown(now);
+                    } else {
+                        self.handle_broker_failed(
+                            now,
+                            &format!("no RECEIPT for DISCONNECT within {ms} ms"),
+                        );
                     }
+                    return;
                 }
             }
+            State::Connected => {}
+        }
+        if self.is_connected() && self.barrier.deadline().is_some_and(|t| now >= t) {
+            // The broker is slow to confirm a SUBSCRIBE: stop holding the
+            // SENDs behind it.
+            self.barrier.expire(now);
+            self.release_held(now);
+            if !self.is_connected() {
+                return;
+            }
+        }
+        if self.relay == Relay::Opening
+            && self.state != State::ConnectingBroker
+            && now >= self.relay_since + self.config.broker_timeout
+        {
+            let ms = self.config.broker_timeout.as_millis();
+            self.handle_broker_failed(now, &format!("no CONNECTED from the broker within {ms} ms"));
+            return;
         }
         if let Some(i) = self.client_receive {
             if now >= self.last_client_rx + heartbeat::receive_deadline(i) {
@@ -850,7 +935,8 @@ impl Session {
                 return;
             }
         }
-        if let Some(i) = self.broker_receive {
+        let relay_open = self.relay == Relay::Open;
+        if let Some(i) = self.broker_receive.filter(|_| relay_open) {
             if now >= self.last_broker_rx + heartbeat::receive_deadline(i) {
                 let ms = i.as_millis() * 2;
                 self.handle_broker_failed(
@@ -866,7 +952,7 @@ impl Session {
                 self.last_client_tx = now;
             }
         }
-        if let Some(i) = self.broker_send {
+        if let Some(i) = self.broker_send.filter(|_| relay_open) {
             if now >= self.last_broker_tx + i {
                 self.actions.push_back(Action::Relay(ToRelay::Heartbeat));
                 self.last_broker_tx = now;
@@ -921,15 +1007,30 @@ impl Session {
             .with_header("login", self.config.broker_login.clone())
             .with_header("passcode", self.config.broker_passcode.clone())
             .with_header("heart-beat", self.config.broker_heartbeat.header_value());
-        self.state = State::ConnectingBroker;
-        self.phase_started = now;
+        self.relay_connect = Some(connect);
+        if self.config.open_relay_at_connect {
+            self.state = State::ConnectingBroker;
+            self.phase_started = now;
+            self.open_relay(now);
+        } else {
+            self.answer_connected(now);
+        }
+    }
+
+    /// Opens the relay leg with the CONNECT built at CONNECT.
+    fn open_relay(&mut self, now: Instant) {
+        let Some(connect) = self.relay_connect.take() else {
+            return;
+        };
+        self.relay = Relay::Opening;
+        self.relay_since = now;
         self.last_broker_tx = now;
         self.last_broker_rx = now;
         self.actions
             .push_back(Action::Relay(ToRelay::Open(connect)));
     }
 
-    fn on_broker_connected(&mut self, now: Instant, frame: Frame) {
+    fn on_relay_connected(&mut self, now: Instant, frame: Frame) {
         if let Some(v) = frame.header("version").and_then(Version::parse) {
             self.broker_version = v;
         } else {
@@ -940,6 +1041,21 @@ impl Session {
         let b = heartbeat::negotiate(self.config.broker_heartbeat, broker_hb);
         self.broker_send = b.send;
         self.broker_receive = b.receive;
+        self.relay = Relay::Open;
+        if self.state == State::ConnectingBroker {
+            self.answer_connected(now);
+        }
+        while let Some(f) = self.relay_queue.pop_front() {
+            if self.relay != Relay::Open {
+                break;
+            }
+            self.emit_broker(now, f);
+        }
+        self.relay_queue.clear();
+    }
+
+    /// CONNECTED to the client, then the frames held until it.
+    fn answer_connected(&mut self, now: Instant) {
         // 1.0 has no heart-beats; RabbitMQ still says `heart-beat:0,0`.
         let mut ours = HeartBeat::default();
         if self.client_version >= Version::V1_1 {
@@ -1028,23 +1144,14 @@ impl Session {
                 self.emit_broker(now, frame)
             }
             Command::Ack | Command::Nack => self.emit_broker(now, frame),
-            Command::Disconnect if !self.inflight.is_empty() || self.barrier.held() > 0 => {
-                // Answer only once every application publish is confirmed.
-                self.deferred_disconnect = Some(frame);
-            }
             Command::Disconnect => {
+                // With a receipt the relay leg is flushed with it, so the
+                // RECEIPT comes once every leg settled what it owes.
                 let receipt = frame.header("receipt").map(str::to_owned);
-                self.emit_broker(now, frame);
-                match receipt {
-                    Some(receipt) => {
-                        self.state = State::Disconnecting { receipt };
-                        self.phase_started = now;
-                    }
-                    None => {
-                        self.actions.push_back(Action::Relay(ToRelay::Close));
-                        self.finish(CloseReason::ClientDisconnect, true);
-                    }
-                }
+                let closing = Closing::Disconnect {
+                    receipt: receipt.clone(),
+                };
+                self.start_closing(now, closing, receipt);
             }
             Command::Connect | Command::Stomp => self.client_error(
                 now,
@@ -1166,19 +1273,13 @@ impl Session {
 
     /// Publishes the held application SENDs that may go now.
     fn release_held(&mut self, now: Instant) {
-        while self.state == State::Connected {
+        while matches!(self.state, State::Connected | State::Closing(_)) {
             let Some(frame) = self.barrier.release() else {
                 break;
             };
             self.on_app_send(now, frame);
         }
-        if self.barrier.held() == 0 && self.inflight.is_empty() && self.state == State::Connected {
-            if let Some(d) = self.deferred_disconnect.take() {
-                self.route_client_frame(now, d);
-            } else if self.drain_requested {
-                self.start_drain(now);
-            }
-        }
+        self.close_if_settled(now);
     }
 
     fn on_unsubscribe(&mut self, now: Instant, frame: Frame) {
@@ -1226,7 +1327,7 @@ impl Session {
         let Some(routing_key) = routing_key else {
             return self.reject_route(now, Route::Unroutable, dest);
         };
-        if self.inflight.len() >= self.config.max_inflight_publishes {
+        if self.owed.publishes.len() >= self.config.max_inflight_publishes {
             let limit = self.config.max_inflight_publishes;
             return self.limit_error(
                 now,
@@ -1239,7 +1340,7 @@ impl Session {
         let receipt = frame.header("receipt").map(str::to_owned);
         let content_type = frame.header("content-type").map(str::to_owned);
         let headers = client_headers(&frame.headers);
-        self.inflight.insert(id, receipt);
+        self.owed.publishes.insert(id, receipt);
         self.actions.push_back(Action::App(AppPublish {
             id,
             routing_key,
@@ -1356,9 +1457,26 @@ impl Session {
             .push_back(Action::Client(ToClient::Frame(frame)));
     }
 
+    /// A frame for the relay leg: sent when the leg is open, held while it
+    /// opens, and the leg opened when there is none yet.
     fn emit_broker(&mut self, now: Instant, frame: Frame) {
-        self.last_broker_tx = now;
-        self.actions.push_back(Action::Relay(ToRelay::Frame(frame)));
+        match self.relay {
+            Relay::Open => {
+                self.last_broker_tx = now;
+                self.actions.push_back(Action::Relay(ToRelay::Frame(frame)));
+            }
+            // The leg was closed after its flush: nothing more goes out.
+            Relay::Absent if self.relay_connect.is_none() => {}
+            Relay::Absent | Relay::Opening => {
+                if self.relay_queue.len() >= self.config.max_pending_frames {
+                    return self.too_many_held_frames(now);
+                }
+                self.relay_queue.push_back(frame);
+                if self.relay == Relay::Absent {
+                    self.open_relay(now);
+                }
+            }
+        }
     }
 
     fn on_begin(&mut self, now: Instant, frame: Frame) {
@@ -1420,21 +1538,42 @@ impl Session {
         self.finish(CloseReason::ClientError(message.to_owned()), true);
     }
 
+    /// Closes the relay leg, if there is one: an open leg gets a
+    /// DISCONNECT first (unless it already has one, its flush).
     fn close_broker_leg(&mut self) {
-        match self.state {
-            State::Connected | State::Disconnecting { .. } => {
-                self.actions
-                    .push_back(Action::Relay(ToRelay::Frame(Frame::new(
-                        Command::Disconnect,
-                    ))));
+        match self.relay {
+            Relay::Open => {
+                if self.owed.relay_flush.is_none() {
+                    let disconnect = Frame::new(Command::Disconnect);
+                    self.actions
+                        .push_back(Action::Relay(ToRelay::Frame(disconnect)));
+                }
                 self.actions.push_back(Action::Relay(ToRelay::Close));
             }
-            // A draining leg already has its DISCONNECT.
-            State::ConnectingBroker | State::Draining { .. } => {
-                self.actions.push_back(Action::Relay(ToRelay::Close))
-            }
-            State::AwaitingConnect | State::Closed => {}
+            Relay::Opening => self.actions.push_back(Action::Relay(ToRelay::Close)),
+            Relay::Absent => {}
         }
+        self.relay = Relay::Absent;
+        self.relay_queue.clear();
+    }
+
+    /// ERROR for a frame past `max_pending_frames` held for a relay leg
+    /// that is not connected yet.
+    fn too_many_held_frames(&mut self, now: Instant) {
+        let limit = self.config.max_pending_frames;
+        self.limit_error(
+            now,
+            "session.max_pending_frames",
+            format!(
+                "too many frames before the broker connection was ready: at most {limit} frames are held while the broker connection opens"
+            ),
+        );
+    }
+
+    /// A closing waits for the relay leg's flush within the broker timeout,
+    /// and a drain within it in any case (publishes have their own timeout).
+    fn closing_deadline_applies(&self) -> bool {
+        self.owed.relay_flush.is_some() || self.state == State::Closing(Closing::Drain)
     }
 
     fn finish(&mut self, reason: CloseReason, close_client: bool) {
@@ -1445,6 +1584,7 @@ impl Session {
         self.close_reason = Some(reason);
         self.state = State::Closed;
         self.pending.clear();
+        self.relay_queue.clear();
     }
 }
 
@@ -1890,8 +2030,8 @@ mod tests {
         assert_eq!(
             drain(&mut s),
             vec![
-                Action::Client(ToClient::Frame(r)),
                 Action::Relay(ToRelay::Close),
+                Action::Client(ToClient::Frame(r)),
                 Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
             ]
         );
@@ -2362,25 +2502,6 @@ mod tests {
     }
 
     #[test]
-    fn disconnect_waits_for_inflight_publishes() {
-        let t0 = Instant::now();
-        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
-        s.handle_client_frame(
-            t0,
-            Frame::new(Command::Send).with_header("destination", "/app/x"),
-        );
-        let acts = drain(&mut s);
-        let [Action::App(p)] = acts.as_slice() else {
-            panic!("{acts:?}")
-        };
-        let d = Frame::new(Command::Disconnect).with_header("receipt", "bye");
-        s.handle_client_frame(t0, d.clone());
-        assert!(drain(&mut s).is_empty());
-        s.handle_publish_result(t0, p.id, Ok(()));
-        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(d))]);
-    }
-
-    #[test]
     fn user_destination_subscriptions_are_rewritten_both_ways() {
         let t0 = Instant::now();
         let connect = connect_frame("0,0").with_header("token", "alice-token");
@@ -2529,35 +2650,6 @@ mod tests {
         assert!(!acts
             .iter()
             .any(|a| matches!(a, Action::Relay(ToRelay::Frame(_)))));
-    }
-
-    #[test]
-    fn drain_waits_for_application_confirms() {
-        let t0 = Instant::now();
-        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
-        s.handle_client_frame(
-            t0,
-            Frame::new(Command::Send)
-                .with_header("destination", "/app/x")
-                .with_header("receipt", "a1"),
-        );
-        let acts = drain(&mut s);
-        let [Action::App(p)] = acts.as_slice() else {
-            panic!("{acts:?}")
-        };
-        s.handle_drain(t0);
-        assert!(drain(&mut s).is_empty(), "nothing before the confirm");
-        s.handle_publish_result(t0, p.id, Ok(()));
-        let acts = drain(&mut s);
-        assert_eq!(
-            acts[0],
-            Action::Client(ToClient::Frame(
-                Frame::new(Command::Receipt).with_header("receipt-id", "a1")
-            ))
-        );
-        assert!(
-            matches!(&acts[1], Action::Relay(ToRelay::Frame(f)) if f.command == Command::Disconnect)
-        );
     }
 
     #[test]
@@ -2791,5 +2883,271 @@ mod tests {
         let mut s = Session::new(config(), "s", t0);
         s.handle_client_partial(t0, true);
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(3)));
+    }
+
+    // ----- legs: no relay leg at CONNECT, what is owed across legs -------
+
+    /// A session configured to open its relay leg only when a frame needs
+    /// it, through CONNECT (answered at once, no leg opened).
+    fn connected_without_relay(t0: Instant, control_plane: bool) -> Session {
+        let mut cfg = if control_plane {
+            (*cp_config(None, false)).clone()
+        } else {
+            (*config()).clone()
+        };
+        cfg.open_relay_at_connect = false;
+        let mut s = Session::new(Arc::new(cfg), "s7", t0);
+        s.handle_client_frame(t0, connect_frame("0,0"));
+        let acts = drain(&mut s);
+        match acts.as_slice() {
+            [Action::Client(ToClient::Frame(f))] => {
+                assert_eq!(f.command, Command::Connected);
+                assert_eq!(f.header("session"), Some("s7"));
+            }
+            other => panic!("CONNECTED at once and no relay leg: {other:?}"),
+        }
+        assert!(s.is_connected());
+        s
+    }
+
+    fn relay_connected(s: &mut Session, now: Instant) {
+        s.handle_broker_frame(
+            now,
+            Frame::new(Command::Connected).with_header("version", "1.2"),
+        );
+    }
+
+    fn client_frames(acts: &[Action]) -> Vec<&Frame> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Client(ToClient::Frame(f)) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connected_with_no_relay_leg_opens_it_on_the_first_relayed_frame() {
+        let t0 = Instant::now();
+        let mut s = connected_without_relay(t0, false);
+        // No leg, so no broker deadline and no broker heart-beat.
+        assert_eq!(s.poll_timeout(), None);
+        let sub = Frame::new(Command::Subscribe)
+            .with_header("id", "0")
+            .with_header("destination", "/topic/a");
+        s.handle_client_frame(t0 + MS, sub.clone());
+        let acts = drain(&mut s);
+        let [Action::Relay(ToRelay::Open(c))] = acts.as_slice() else {
+            panic!("the leg opens, the frame waits: {acts:?}")
+        };
+        assert_eq!(c.header("login"), Some("relay"));
+        assert_eq!(s.poll_timeout(), Some(t0 + MS + 4_000 * MS));
+        let send = Frame::new(Command::Send).with_header("destination", "/topic/a");
+        s.handle_client_frame(t0 + 2 * MS, send.clone());
+        assert!(drain(&mut s).is_empty(), "held while the leg opens");
+        relay_connected(&mut s, t0 + 3 * MS);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Relay(ToRelay::Frame(sub)),
+                Action::Relay(ToRelay::Frame(send))
+            ],
+            "in order, once the leg is connected; no second CONNECTED"
+        );
+        // Later frames go straight out.
+        let ack = Frame::new(Command::Ack).with_header("id", "1");
+        s.handle_client_frame(t0 + 4 * MS, ack.clone());
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(ack))]);
+    }
+
+    #[test]
+    fn a_relay_leg_opened_later_that_never_answers_fails_the_session() {
+        let t0 = Instant::now();
+        let mut s = connected_without_relay(t0, false);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send).with_header("destination", "/queue/q"),
+        );
+        drain(&mut s);
+        s.handle_timeout(t0 + 4_000 * MS);
+        let acts = drain(&mut s);
+        assert!(acts.contains(&Action::Relay(ToRelay::Close)), "{acts:?}");
+        let (msg, reason) = error_then_close(&acts);
+        assert_eq!(msg, "broker unavailable");
+        assert!(matches!(reason, CloseReason::BrokerLost(_)), "{reason:?}");
+    }
+
+    #[test]
+    fn frames_held_for_a_relay_leg_opened_later_are_bounded() {
+        let t0 = Instant::now();
+        let mut s = connected_without_relay(t0, false);
+        let send = Frame::new(Command::Send).with_header("destination", "/queue/q");
+        for _ in 0..2 {
+            s.handle_client_frame(t0, send.clone());
+        }
+        drain(&mut s);
+        s.handle_client_frame(t0, send);
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "Limit exceeded: session.max_pending_frames");
+    }
+
+    #[test]
+    fn with_no_relay_leg_disconnect_and_drain_answer_at_once() {
+        let t0 = Instant::now();
+        let mut s = connected_without_relay(t0, false);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Disconnect).with_header("receipt", "bye"),
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Client(ToClient::Frame(receipt("bye"))),
+                Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
+            ]
+        );
+
+        let mut s = connected_without_relay(t0, false);
+        s.handle_drain(t0);
+        let acts = drain(&mut s);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::Relay(_))),
+            "{acts:?}"
+        );
+        assert_eq!(error_then_close(&acts).1, CloseReason::Shutdown);
+    }
+
+    /// An application SEND and a relayed SEND, each with a receipt: the
+    /// session owes one confirm (application leg) and one receipt (relay leg).
+    fn owing_on_two_legs(t0: Instant) -> (Session, u64) {
+        let mut s = connected_without_relay(t0, true);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send)
+                .with_header("destination", "/app/x")
+                .with_header("receipt", "app-1"),
+        );
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send)
+                .with_header("destination", "/topic/t")
+                .with_header("receipt", "relay-1"),
+        );
+        let acts = drain(&mut s);
+        let Some(id) = acts.iter().find_map(|a| match a {
+            Action::App(p) => Some(p.id),
+            _ => None,
+        }) else {
+            panic!("{acts:?}")
+        };
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, Action::Relay(ToRelay::Open(_)))));
+        relay_connected(&mut s, t0);
+        let acts = drain(&mut s);
+        assert!(
+            matches!(acts.as_slice(), [Action::Relay(ToRelay::Frame(f))] if f.header("receipt") == Some("relay-1")),
+            "{acts:?}"
+        );
+        (s, id)
+    }
+
+    #[test]
+    fn drain_with_receipts_owed_on_two_legs_waits_for_both_in_any_order() {
+        let t0 = Instant::now();
+        let flush = "stomp-gateway-drain-s7";
+        for confirm_first in [true, false] {
+            let (mut s, id) = owing_on_two_legs(t0);
+            s.handle_drain(t0);
+            let acts = drain(&mut s);
+            assert!(
+                matches!(acts.as_slice(), [Action::Relay(ToRelay::Frame(f))]
+                    if f.command == Command::Disconnect && f.header("receipt") == Some(flush)),
+                "the relay leg is flushed at once: {acts:?}"
+            );
+            // Client frames after the drain started are not served.
+            s.handle_client_frame(
+                t0,
+                Frame::new(Command::Send)
+                    .with_header("destination", "/topic/t")
+                    .with_header("receipt", "late"),
+            );
+            assert!(drain(&mut s).is_empty());
+
+            let mut seen = Vec::new();
+            let steps: [&dyn Fn(&mut Session); 2] = [
+                &|s: &mut Session| s.handle_publish_result(t0, id, Ok(())),
+                &|s: &mut Session| {
+                    s.handle_broker_frame(t0, receipt("relay-1"));
+                    s.handle_broker_frame(t0, receipt(flush));
+                },
+            ];
+            let order: [usize; 2] = if confirm_first { [0, 1] } else { [1, 0] };
+            for (n, step) in order.into_iter().enumerate() {
+                steps[step](&mut s);
+                let acts = drain(&mut s);
+                seen.extend(client_frames(&acts).into_iter().cloned());
+                if n == 0 {
+                    assert!(!s.is_closed(), "one leg still owes: {acts:?}");
+                } else {
+                    assert_eq!(error_then_close(&acts).1, CloseReason::Shutdown);
+                }
+            }
+            let receipts: Vec<&str> = seen.iter().filter_map(|f| f.header("receipt-id")).collect();
+            let mut sorted = receipts.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, ["app-1", "relay-1"], "{receipts:?}");
+            assert!(!receipts.contains(&flush), "the flush receipt is ours");
+            let last = seen.last().expect("frames");
+            assert_eq!(last.header("message"), Some("server shutting down"));
+        }
+    }
+
+    #[test]
+    fn disconnect_receipt_comes_once_every_leg_settled() {
+        let t0 = Instant::now();
+        let (mut s, id) = owing_on_two_legs(t0);
+        let d = Frame::new(Command::Disconnect).with_header("receipt", "bye");
+        s.handle_client_frame(t0, d.clone());
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(d))]);
+        s.handle_broker_frame(t0, receipt("relay-1"));
+        s.handle_broker_frame(t0, receipt("bye"));
+        let acts = drain(&mut s);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Client(ToClient::Frame(receipt("relay-1"))),
+                Action::Relay(ToRelay::Close)
+            ],
+            "the relay leg is done, the application leg still owes"
+        );
+        assert!(!s.is_closed());
+        s.handle_publish_result(t0, id, Ok(()));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Client(ToClient::Frame(receipt("app-1"))),
+                Action::Client(ToClient::Frame(receipt("bye"))),
+                Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
+            ]
+        );
+    }
+
+    #[test]
+    fn disconnect_without_receipt_waits_for_confirms_only() {
+        let t0 = Instant::now();
+        let (mut s, id) = owing_on_two_legs(t0);
+        s.handle_client_frame(t0, Frame::new(Command::Disconnect));
+        assert!(drain(&mut s).is_empty(), "a confirm is owed");
+        s.handle_publish_result(t0, id, Ok(()));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Client(ToClient::Frame(receipt("app-1"))),
+                Action::Relay(ToRelay::Frame(Frame::new(Command::Disconnect))),
+                Action::Relay(ToRelay::Close),
+                Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
+            ]
+        );
     }
 }
