@@ -3,8 +3,9 @@
 //! The input is a script: each step is an op byte followed by its operands
 //! (a client or broker frame built from a table of relevant commands and
 //! header names with fuzzed values, a clock advance, a broker failure, a
-//! publish confirm, a drain, ...). Checks: no panic; nothing happens after
-//! the session closed; a `CloseClient` action closes the session; a timer
+//! publish confirm, a drain, a half-sent frame, a WebSocket violation, an
+//! oversized broker frame, ...). Limits are small so they are reached. Checks: no panic; nothing happens after
+//! the session closed; a client close action closes the session; a timer
 //! fired at its deadline never asks to be fired again at the same instant;
 //! one input never produces an unbounded amount of output.
 #![no_main]
@@ -12,7 +13,7 @@
 use libfuzzer_sys::fuzz_target;
 use relay_core::destination::Router;
 use relay_core::heartbeat::HeartBeat;
-use relay_core::session::{Action, Session, SessionConfig};
+use relay_core::session::{Action, Session, SessionConfig, ToClient};
 use relay_core::{Command, DecodeError, Frame};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,6 +122,11 @@ fn config() -> Arc<SessionConfig> {
         control_plane: true,
         user_send_enabled: true,
         max_inflight_publishes: 3,
+        max_transactions: 2,
+        max_transaction_bytes: 1_000,
+        max_sends_per_sec: 5,
+        send_burst: 3,
+        frame_timeout: Duration::from_secs(2),
         ..SessionConfig::default()
     })
 }
@@ -138,7 +144,7 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         let was_closed = s.is_closed();
-        match op % 12 {
+        match op % 15 {
             0 | 1 => {
                 let Some(f) = input.frame(&CLIENT) else { break };
                 s.handle_client_frame(now, f);
@@ -177,6 +183,12 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             10 => s.handle_client_decode_error(now, &DecodeError::MissingNul),
+            11 => {
+                let Some(b) = input.byte() else { break };
+                s.handle_client_partial(now, b & 1 == 1);
+            }
+            12 => s.handle_client_websocket_error(now, 1002, "Invalid frame", "fuzz", None),
+            13 => s.handle_broker_frame_too_large(now, 65_536),
             _ => {
                 s.handle_client_activity(now);
                 s.handle_broker_activity(now);
@@ -193,8 +205,8 @@ fn drain(s: &mut Session, publishes: &mut Vec<u64>, was_closed: bool) {
         assert!(n < 64, "one input produced too many actions");
         assert!(!was_closed, "action {a:?} after the session closed");
         match a {
-            Action::CloseClient(_) => assert!(s.is_closed()),
-            Action::Publish(p) => publishes.push(p.id),
+            Action::Client(ToClient::Close(_)) => assert!(s.is_closed()),
+            Action::App(p) => publishes.push(p.id),
             _ => {}
         }
     }
