@@ -11,7 +11,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_core::destination::Router;
+use relay_core::router::Router;
 use relay_core::heartbeat::HeartBeat;
 use relay_core::session::{Action, Session, SessionConfig, ToClient};
 use relay_core::{Command, DecodeError, Frame};
@@ -118,9 +118,9 @@ fn config() -> Arc<SessionConfig> {
             vec!["/queue/".into(), "/topic/".into(), "/exchange/".into()],
             vec!["/app/".into()],
             Some("/user/".into()),
-        ),
-        control_plane: true,
-        user_send_enabled: true,
+        )
+        .with_control_plane(true)
+        .with_user_send(true),
         max_inflight_publishes: 3,
         max_transactions: 2,
         max_transaction_bytes: 1_000,

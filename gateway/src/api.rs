@@ -10,7 +10,7 @@
 //! message; errors are `{"error": ".."}` with 400, 401, 404, 405, 408, 413,
 //! 422 or 503.
 
-use crate::amqp::{resolve, ControlPlane, DestinationKind, OutboundMessage, PublishError};
+use crate::amqp::{ControlPlane, OutboundMessage, PublishError};
 use crate::config::Config;
 use base64::Engine;
 use bytes::Bytes;
@@ -20,8 +20,7 @@ use hyper::header::{
     HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
-use relay_core::destination::user_routing_key;
-use relay_core::session::RESERVED_HEADER_PREFIX;
+use relay_core::router::{user_routing_key, DestinationKind, RESERVED_HEADER_PREFIX};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -230,7 +229,7 @@ fn build(
     let bad = |text: String| (StatusCode::BAD_REQUEST, text);
     let (exchange, routing_key, mandatory) = match user {
         None => {
-            let Some(r) = resolve(config, &request.destination) else {
+            let Some(r) = config.routes().resolve(&request.destination) else {
                 return Err(bad(format!(
                     "destination {:?} is not served: use /topic/<key>, /exchange/<name>[/<key>], /queue/<name>, /amq/queue/<name>, {}<...> or {}<user>/<...>",
                     request.destination,

@@ -14,6 +14,7 @@
 
 use crate::config::JwtAlgorithm;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use relay_core::policy::Principal;
 use relay_core::session::Authenticate;
 use relay_core::Frame;
 
@@ -218,7 +219,7 @@ impl JwtAuthenticator {
 }
 
 impl Authenticate for JwtAuthenticator {
-    fn authenticate(&self, connect: &Frame) -> Result<Option<String>, String> {
+    fn authenticate(&self, connect: &Frame) -> Result<Option<Principal>, String> {
         let Some(token) = self.token(connect) else {
             return Err(format!(
                 "no token: send a JWT in the {:?} CONNECT header (\"Bearer <token>\") or as the passcode",
@@ -233,14 +234,25 @@ impl Authenticate for JwtAuthenticator {
             self.leeway_secs,
             self.require_exp,
         )?;
-        match data.claims.get(&self.user_claim) {
-            Some(serde_json::Value::String(u)) if !u.is_empty() => Ok(Some(u.clone())),
-            Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
-            _ => Err(format!(
-                "token has no {:?} claim naming the user",
-                self.user_claim
-            )),
-        }
+        let user = match data.claims.get(&self.user_claim) {
+            Some(serde_json::Value::String(u)) if !u.is_empty() => u.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => {
+                return Err(format!(
+                    "token has no {:?} claim naming the user",
+                    self.user_claim
+                ))
+            }
+        };
+        // The verified claims, for `[[auth.rules]]` conditions.
+        let claims = match data.claims {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        Ok(Some(Principal {
+            user: Some(user),
+            claims,
+        }))
     }
 }
 
@@ -289,18 +301,34 @@ mod tests {
             "s3cret",
             serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "exp": exp()}),
         );
+        let user = |r: Result<Option<Principal>, String>| r.unwrap().and_then(|p| p.user);
         assert_eq!(
-            a.authenticate(&connect("Authorization", &format!("Bearer {t}"))),
-            Ok(Some("alice".into()))
+            user(a.authenticate(&connect("Authorization", &format!("Bearer {t}")))),
+            Some("alice".into())
         );
         assert_eq!(
-            a.authenticate(&connect("authorization", &t)),
-            Ok(Some("alice".into()))
+            user(a.authenticate(&connect("authorization", &t))),
+            Some("alice".into())
         );
         assert_eq!(
-            a.authenticate(&connect("passcode", &t)),
-            Ok(Some("alice".into()))
+            user(a.authenticate(&connect("passcode", &t))),
+            Some("alice".into())
         );
+    }
+
+    #[test]
+    fn exposes_the_verified_claims() {
+        let a = JwtAuthenticator::new(&settings()).unwrap();
+        let t = token(
+            "s3cret",
+            serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "exp": exp(), "rooms": ["42"]}),
+        );
+        let p = a
+            .authenticate(&connect("Authorization", &t))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.claim("rooms"), Some(&serde_json::json!(["42"])));
+        assert_eq!(p.claim("sub"), Some(&serde_json::json!("alice")));
     }
 
     #[test]
@@ -356,7 +384,8 @@ mod tests {
             serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "aud": "chat", "exp": exp()}),
         );
         assert_eq!(
-            a.authenticate(&connect("Authorization", &ok)),
+            a.authenticate(&connect("Authorization", &ok))
+                .map(|p| p.and_then(|p| p.user)),
             Ok(Some("alice".into()))
         );
         for claims in [
@@ -460,7 +489,9 @@ mod tests {
         s.require_exp = false;
         let lenient = JwtAuthenticator::new(&s).unwrap();
         assert_eq!(
-            lenient.authenticate(&connect("Authorization", &forever)),
+            lenient
+                .authenticate(&connect("Authorization", &forever))
+                .map(|p| p.and_then(|p| p.user)),
             Ok(Some("alice".into()))
         );
     }

@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Broker frames handled per wake-up before other work gets a turn.
 const BROKER_BURST: usize = 64;
@@ -290,6 +290,19 @@ pub async fn run<T: ClientTransport>(
         .close_reason()
         .cloned()
         .unwrap_or(CloseReason::ClientGone);
+    if let CloseReason::AccessDenied(denial) = &reason {
+        shared.metrics.denied(denial.command);
+        warn!(
+            pod = %shared.pod,
+            session = %id,
+            %peer,
+            user = session.user().unwrap_or("-"),
+            command = denial.command.as_str(),
+            destination = %denial.destination,
+            reason = %denial.reason,
+            "access denied"
+        );
+    }
     shared.metrics.session_closed(&reason);
     if let Some(limit) = session.limit_hit() {
         shared.metrics.limit_hit(limit);

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     rejected: IntCounterVec,
     limit_hits: IntCounterVec,
+    /// Frames refused by authorization, by command (`auth_denials_total`).
+    denials: IntCounterVec,
     sessions_active: IntGauge,
     system_link_up: IntGauge,
     amqp_up: IntGauge,
@@ -35,10 +37,11 @@ pub struct Metrics {
 }
 
 /// Every `reason` label of `sessions_closed_total`.
-const CLOSE_REASONS: [&str; 8] = [
+const CLOSE_REASONS: [&str; 9] = [
     "client_disconnect",
     "client_gone",
     "client_error",
+    "access_denied",
     "connect_timeout",
     "client_heartbeat_timeout",
     "broker_error",
@@ -110,7 +113,22 @@ impl Metrics {
             ),
             &["limit"],
         )?;
-        for v in [&frames, &bytes, &app, &closed, &rejected, &limit_hits] {
+        let denials = IntCounterVec::new(
+            Opts::new(
+                "auth_denials_total",
+                "SEND and SUBSCRIBE frames refused by authorization (built-in protections and auth.rules), by command",
+            ),
+            &["command"],
+        )?;
+        for v in [
+            &frames,
+            &bytes,
+            &app,
+            &closed,
+            &rejected,
+            &limit_hits,
+            &denials,
+        ] {
             registry.register(Box::new(v.clone()))?;
         }
         // Every known label value is exported from the start (at 0), so a
@@ -120,6 +138,9 @@ impl Metrics {
         }
         for reason in REJECTIONS {
             rejected.with_label_values(&[reason]);
+        }
+        for command in relay_core::policy::RULE_COMMANDS {
+            denials.with_label_values(&[command.as_str()]);
         }
         Ok(Metrics {
             sessions_opened: counter("sessions_opened_total", "Client sessions opened")?,
@@ -151,6 +172,7 @@ impl Metrics {
             closed,
             rejected,
             limit_hits,
+            denials,
             registry,
         })
     }
@@ -163,6 +185,7 @@ impl Metrics {
             CloseReason::ClientError(_) => "client_error",
             CloseReason::Policy(_) => "client_limit",
             CloseReason::WebSocket { .. } => "client_websocket_error",
+            CloseReason::AccessDenied(_) => "access_denied",
             CloseReason::ConnectTimeout => "connect_timeout",
             CloseReason::ClientHeartbeatTimeout => "client_heartbeat_timeout",
             CloseReason::BrokerError(_) => "broker_error",
@@ -176,6 +199,11 @@ impl Metrics {
     /// e.g. `session.max_transactions`).
     pub fn limit_hit(&self, limit: &str) {
         self.limit_hits.with_label_values(&[limit]).inc();
+    }
+
+    /// Counts a frame refused by authorization.
+    pub fn denied(&self, command: relay_core::Command) {
+        self.denials.with_label_values(&[command.as_str()]).inc();
     }
 
     /// Counts a refused upgrade.

@@ -10,6 +10,7 @@ use crate::auth::{AuthError, JwtAuthenticator, JwtSettings};
 use crate::config::{AuthMode, Config, ConfigError};
 use crate::tls::{amqp_tls_config, BrokerTls, TlsError};
 use lapin::tcp::OwnedTLSConfig;
+use relay_core::router::Router;
 use std::sync::Arc;
 
 /// Everything derived from the configuration at start.
@@ -27,6 +28,9 @@ pub struct Settings {
     pub amqp_tls: OwnedTLSConfig,
     /// The CONNECT authenticator (`auth.mode = "jwt"`), `None` when off.
     pub authenticator: Option<Arc<JwtAuthenticator>>,
+    /// Which path serves a frame and who may use it, with `[[auth.rules]]`
+    /// compiled.
+    pub router: Router,
 }
 
 impl Settings {
@@ -61,6 +65,7 @@ impl Settings {
             }
         };
         Ok(Settings {
+            router: config.router()?,
             pod: config.pod_id(),
             config,
             broker_tls,

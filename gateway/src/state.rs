@@ -12,7 +12,6 @@ use crate::embedded::{EmbeddedBroker, OutboxLimits};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use relay_core::destination::Router;
 use relay_core::heartbeat::HeartBeat;
 use relay_core::session::{Authenticate, SessionConfig};
 use relay_core::Limits;
@@ -96,15 +95,8 @@ impl Shared {
             broker_login: b.client_login.clone(),
             broker_passcode: b.client_passcode.clone(),
             virtual_host: b.virtual_host.clone(),
-            router: Router::new(
-                b.relay_prefixes.clone(),
-                config.app.prefixes.clone(),
-                Some(config.user.prefix.clone()),
-            ),
+            router: settings.router.clone(),
             server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
-            control_plane: config.control_plane_enabled(),
-            user_exchange: config.user.exchange.clone(),
-            user_send_enabled: config.user.client_send_enabled,
             max_inflight_publishes: config.app.max_inflight_per_session,
             // The relay leg opens with the session, as it always has; the
             // core can also open it on the first frame that needs it.

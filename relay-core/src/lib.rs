@@ -13,7 +13,6 @@
 
 pub mod barrier;
 pub mod codec;
-pub mod destination;
 pub mod frame;
 pub mod heartbeat;
 pub mod hub;

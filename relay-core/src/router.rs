@@ -268,6 +268,20 @@ impl Router {
         &self.user_exchange
     }
 
+    /// Whether application and user destinations are served.
+    pub fn control_plane(&self) -> bool {
+        self.control_plane
+    }
+
+    /// The routing key of an application destination (`/app/chat/send` →
+    /// `chat.send`), `None` when no application prefix serves it.
+    pub fn app_routing_key(&self, destination: &str) -> Option<String> {
+        match self.path(destination) {
+            Path::App(len) => Some(app_key(&destination[len..])),
+            _ => None,
+        }
+    }
+
     fn path(&self, destination: &str) -> Path {
         let matches =
             |p: &String| destination.len() > p.len() && destination.starts_with(p.as_str());
@@ -288,9 +302,10 @@ impl Router {
     pub fn route(&self, who: &Principal, own_name: &str, frame: &Frame) -> Result<Route, Refusal> {
         let command = frame.command;
         let Some(dest) = frame.header("destination") else {
+            let c = command.as_str();
             return Err(invalid(
-                format!("{} frame has no destination header", command.as_str()),
-                "",
+                "Missing destination",
+                format!("\"{c}\" must include a 'destination' header ({c} frame has no destination header)"),
             ));
         };
         let deny = |reason| {
@@ -303,31 +318,49 @@ impl Router {
         let path = self.path(dest);
         match path {
             Path::None => {
+                // `/queue` or `/queue/`: a known kind with an empty name.
+                let empty_name = self
+                    .relay
+                    .iter()
+                    .any(|p| p == dest || p.trim_end_matches('/') == dest);
                 return Err(invalid(
-                    format!("no route for destination {dest:?}"),
+                    if empty_name {
+                        "Invalid destination"
+                    } else {
+                        "Unknown destination"
+                    },
                     format!(
-                        "destinations must start with one of: {}",
+                        "no route for destination {dest:?}: destinations must start with one of: {} and name something after it",
                         self.served_prefixes().join(", ")
                     ),
-                ))
+                ));
             }
             Path::App(_) if !self.control_plane => {
                 return Err(invalid(
-                    format!("application destination {dest:?} is not served"),
-                    "application destinations need the AMQP control plane, which is disabled",
+                    "Unknown destination",
+                    format!(
+                        "application destination {dest:?} is not served: application destinations \
+                         need the AMQP control plane, which is disabled"
+                    ),
                 ))
             }
             Path::User(_) if !self.control_plane => {
                 return Err(invalid(
-                    format!("user destination {dest:?} is not served"),
-                    "user destinations need the AMQP control plane, which is disabled",
+                    "Unknown destination",
+                    format!(
+                        "user destination {dest:?} is not served: user destinations need the AMQP \
+                         control plane, which is disabled"
+                    ),
                 ))
             }
             Path::App(_) if command == Command::Subscribe => {
                 return Err(invalid(
-                    format!("cannot subscribe to application destination {dest:?}"),
-                    "application destinations only take SEND; subscribe to the broker destination \
-                     (/topic/..., /exchange/...) that backends publish to",
+                    "Invalid destination",
+                    format!(
+                        "cannot subscribe to application destination {dest:?}: application \
+                         destinations only take SEND; subscribe to the broker destination \
+                         (/topic/..., /exchange/...) that backends publish to"
+                    ),
                 ))
             }
             _ => {}
@@ -886,7 +919,9 @@ mod tests {
                 (Relay, Ok(Route::Relay)) => true,
                 (App(k), Ok(Route::App { routing_key })) => routing_key == k,
                 (User(d), Ok(Route::User { destination })) => destination == d,
-                (Invalid(m), Err(Refusal::Invalid { message, .. })) => message.contains(m),
+                (Invalid(m), Err(Refusal::Invalid { message, details })) => {
+                    message.contains(m) || details.contains(m)
+                }
                 (Denied(r), Err(Refusal::Denied(d))) => {
                     d.reason == *r && d.command == cmd && d.destination == dest
                 }
@@ -958,11 +993,11 @@ mod tests {
         };
         let on = details(&Router::default().with_control_plane(true));
         assert!(
-            on.ends_with("/temp-queue/, /reply-queue/, /app/, /user/"),
+            on.contains("/temp-queue/, /reply-queue/, /app/, /user/ and"),
             "{on}"
         );
         let off = details(&Router::default());
-        assert!(off.ends_with("/temp-queue/, /reply-queue/"), "{off}");
+        assert!(off.contains("/temp-queue/, /reply-queue/ and"), "{off}");
     }
 
     #[test]
@@ -980,10 +1015,11 @@ mod tests {
             ),
         ] {
             let f = Frame::new(Command::Send).with_header("destination", dest);
-            let Err(Refusal::Invalid { message, .. }) = r.route(&alice, "alice", &f) else {
+            let Err(Refusal::Invalid { message, details }) = r.route(&alice, "alice", &f) else {
                 panic!("{dest}");
             };
-            assert_eq!(message, msg);
+            assert_eq!(message, "Unknown destination");
+            assert!(details.starts_with(msg), "{details}");
         }
         let empty_user = Router::new(vec!["/topic/".into()], vec![], Some(String::new()))
             .with_control_plane(true);

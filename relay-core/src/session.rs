@@ -31,13 +31,15 @@
 //! receipt relayed). A DISCONNECT with a receipt, or a drain, completes
 //! when nothing is owed on any leg, in whatever order the legs answer.
 //!
-//! The decision "which path serves this frame" is made in one place,
-//! [`Session::route_client_frame`], using [`crate::destination::Router`].
+//! The decision "which path serves this frame, and may this client use it"
+//! is made in one place, [`crate::router::Router::route`], asked by
+//! [`Session::route_client_frame`] for every SEND and SUBSCRIBE.
 
 use crate::barrier::{ReceiptFor, SubscribeBarrier};
-use crate::destination::{self, Route, Router};
 use crate::frame::{Command, Frame, Version};
 use crate::heartbeat::{self, HeartBeat};
+use crate::policy::Principal;
+use crate::router::{self, Denial, Refusal, Route, Router};
 use crate::DecodeError;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -47,9 +49,10 @@ use std::time::{Duration, Instant};
 
 /// Decides who a client is from its CONNECT frame.
 pub trait Authenticate: Send + Sync + fmt::Debug {
-    /// `Ok(Some(user))`: authenticated as `user`; `Ok(None)`: anonymous is
+    /// `Ok(Some(principal))`: authenticated as `principal.user`, with the
+    /// claims authorization rules can test; `Ok(None)`: anonymous is
     /// allowed; `Err(reason)`: refused (the client gets an ERROR).
-    fn authenticate(&self, connect: &Frame) -> Result<Option<String>, String>;
+    fn authenticate(&self, connect: &Frame) -> Result<Option<Principal>, String>;
 }
 
 /// A client SEND to an application destination, to be published to the
@@ -65,13 +68,10 @@ pub struct AppPublish {
     /// `content-type` of the SEND, if any.
     pub content_type: Option<String>,
     /// The client's own headers (STOMP protocol headers and anything that
-    /// could pass for identity, `stomp-*`, removed).
+    /// could pass for identity, `stomp-*` and `user-id`, removed).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
 }
-
-/// Headers the gateway sets on application messages; clients cannot supply them.
-pub const RESERVED_HEADER_PREFIX: &str = "stomp-";
 
 /// Settings of one session; shared by all sessions of a process.
 #[derive(Debug, Clone)]
@@ -111,17 +111,12 @@ pub struct SessionConfig {
     pub broker_passcode: String,
     /// Sent as the broker CONNECT `host` header.
     pub virtual_host: String,
-    /// Which path serves a destination.
+    /// Which path serves a destination, and who may use it (also holds
+    /// whether the control plane serves application and user destinations,
+    /// the user exchange and `user.client_send_enabled`).
     pub router: Router,
     /// The `server` header of CONNECTED.
     pub server_name: String,
-    /// Whether application and user destinations are served (needs the
-    /// AMQP control plane). When false they get an ERROR.
-    pub control_plane: bool,
-    /// Exchange user destinations are bound to (direct).
-    pub user_exchange: String,
-    /// Whether clients may SEND to `/user/<name>/...`.
-    pub user_send_enabled: bool,
     /// Application publishes awaiting a broker confirm, per session.
     pub max_inflight_publishes: usize,
     /// Open the relay leg at CONNECT and answer CONNECTED once it is
@@ -152,9 +147,6 @@ impl Default for SessionConfig {
             virtual_host: "/".into(),
             router: Router::default(),
             server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
-            control_plane: false,
-            user_exchange: "stomp.user".into(),
-            user_send_enabled: false,
             max_inflight_publishes: 256,
             open_relay_at_connect: true,
             authenticator: None,
@@ -217,6 +209,8 @@ pub enum CloseReason {
     /// The client broke the WebSocket protocol itself; `code` is the close
     /// code RFC 6455 gives the condition (1002, 1007, 1009).
     WebSocket { code: u16, message: String },
+    /// Authorization refused a frame (see [`crate::router`]).
+    AccessDenied(Denial),
     /// No CONNECT in time.
     ConnectTimeout,
     /// The client stopped sending heart-beats.
@@ -235,6 +229,7 @@ impl CloseReason {
         match self {
             CloseReason::ClientDisconnect | CloseReason::ClientGone => 1000,
             CloseReason::Shutdown => 1001,
+            CloseReason::AccessDenied(_) => 1008,
             CloseReason::ClientError(_)
             | CloseReason::ConnectTimeout
             | CloseReason::ClientHeartbeatTimeout => 1002,
@@ -255,6 +250,7 @@ impl fmt::Display for CloseReason {
             CloseReason::WebSocket { code, message } => {
                 write!(f, "client WebSocket error {code}: {message}")
             }
+            CloseReason::AccessDenied(d) => write!(f, "access denied: {d}"),
             CloseReason::ConnectTimeout => f.write_str("no CONNECT frame in time"),
             CloseReason::ClientHeartbeatTimeout => f.write_str("client heart-beat timeout"),
             CloseReason::BrokerError(m) => write!(f, "broker error: {m}"),
@@ -337,8 +333,8 @@ pub struct Session {
     last_broker_rx: Instant,
     last_broker_tx: Instant,
     client_heartbeat: HeartBeat,
-    /// Authenticated user, if any.
-    user: Option<String>,
+    /// Who the client is (no user when anonymous).
+    principal: Principal,
     /// Subscription id → destination the client asked for, for user
     /// destinations (rewritten back on MESSAGE).
     user_subscriptions: HashMap<String, String>,
@@ -396,7 +392,7 @@ impl Session {
             last_broker_rx: now,
             last_broker_tx: now,
             client_heartbeat: HeartBeat::default(),
-            user: None,
+            principal: Principal::default(),
             user_subscriptions: HashMap::new(),
             owed: Owed::default(),
             next_publish_id: 1,
@@ -438,13 +434,13 @@ impl Session {
 
     /// The authenticated user, if the client authenticated.
     pub fn user(&self) -> Option<&str> {
-        self.user.as_deref()
+        self.principal.user.as_deref()
     }
 
     /// The name user destinations resolve with: the authenticated user, or
     /// a per-session identity for anonymous clients (as in Spring).
     pub fn principal(&self) -> String {
-        match &self.user {
+        match &self.principal.user {
             Some(u) => u.clone(),
             None => format!("session-{}", self.id),
         }
@@ -997,7 +993,7 @@ impl Session {
         self.client_heartbeat = client_hb;
         if let Some(auth) = self.config.authenticator.clone() {
             match auth.authenticate(&frame) {
-                Ok(user) => self.user = user,
+                Ok(principal) => self.principal = principal.unwrap_or_default(),
                 Err(reason) => return self.client_error(now, "authentication failed", reason),
             }
         }
@@ -1076,7 +1072,7 @@ impl Session {
             .with_header("session", self.id.clone())
             .with_header("heart-beat", ours.header_value())
             .with_header("version", self.client_version.as_str());
-        if let Some(user) = &self.user {
+        if let Some(user) = &self.principal.user {
             connected = connected.with_header("user-name", user.clone());
         }
         self.emit_client(now, connected);
@@ -1093,13 +1089,13 @@ impl Session {
     fn route_client_frame(&mut self, now: Instant, frame: Frame) {
         match frame.command {
             Command::Send => {
-                let Some(dest) = frame.header("destination") else {
+                if frame.header("destination").is_none() {
                     return self.client_error(
                         now,
                         "Missing destination",
                         "\"SEND\" must include a 'destination' header (SEND frame has no destination header)",
                     );
-                };
+                }
                 if !self.take_send_token(now) {
                     let rate = self.config.max_sends_per_sec;
                     let burst = self.config.send_burst;
@@ -1127,11 +1123,21 @@ impl Session {
                         }
                     }
                 }
-                match self.config.router.route(dest) {
-                    Route::Relay => self.emit_broker(now, frame),
-                    Route::App if self.config.control_plane => self.hold_or_publish(now, frame),
-                    Route::User if self.config.control_plane => self.on_user_send(now, frame),
-                    route => self.reject_route(now, route, dest.to_owned()),
+                match self
+                    .config
+                    .router
+                    .route(&self.principal, &self.principal(), &frame)
+                {
+                    Ok(Route::App { .. }) => self.hold_or_publish(now, frame),
+                    Ok(route) => {
+                        let mut frame = frame;
+                        if let Route::User { destination } = route {
+                            frame.set_header("destination", destination);
+                        }
+                        router::strip_identity_headers(&mut frame);
+                        self.emit_broker(now, frame)
+                    }
+                    Err(refusal) => self.refuse(now, refusal),
                 }
             }
             Command::Subscribe => self.on_subscribe(now, frame),
@@ -1204,28 +1210,22 @@ impl Session {
                 format!("too many subscriptions (limit {limit} per session)"),
             );
         }
-        match self.config.router.route(&dest) {
-            Route::Relay => {}
-            Route::User if self.config.control_plane => {
+        match self
+            .config
+            .router
+            .route(&self.principal, &self.principal(), &frame)
+        {
+            Ok(Route::User { destination }) => {
                 // `/user/queue/x` becomes this session's own auto-delete
                 // queue bound to the user exchange with the user's key.
-                let rest = self
-                    .config
-                    .router
-                    .user_prefix()
-                    .and_then(|p| dest.strip_prefix(p));
-                let Some(rest) = rest else {
-                    return self.reject_route(now, Route::Unroutable, dest);
-                };
-                let routing_key = destination::user_routing_key(&self.principal(), rest);
-                let relayed = format!("/exchange/{}/{routing_key}", self.config.user_exchange);
-                frame.set_header("destination", relayed);
+                frame.set_header("destination", destination);
                 self.user_subscriptions.insert(key.clone(), dest);
             }
-            route => return self.reject_route(now, route, dest),
+            Ok(_) => {}
+            Err(refusal) => return self.refuse(now, refusal),
         }
         self.subscriptions.insert(key);
-        if self.config.control_plane {
+        if self.config.router.control_plane() {
             // Application SENDs after this wait for its receipt.
             let receipt = self.barrier.subscribe(now, frame.header("receipt"));
             frame.set_header("receipt", receipt);
@@ -1311,6 +1311,12 @@ impl Session {
 
     fn on_app_send(&mut self, now: Instant, frame: Frame) {
         let dest = frame.header("destination").unwrap_or_default().to_owned();
+        // Routed (and allowed) by the router before it was held.
+        let routing_key = self
+            .config
+            .router
+            .app_routing_key(&dest)
+            .unwrap_or_default();
         if frame.header("transaction").is_some() {
             return self.client_error(
                 now,
@@ -1318,15 +1324,6 @@ impl Session {
                 format!("SEND to {dest} carried a transaction header"),
             );
         }
-        let routing_key = self
-            .config
-            .router
-            .app_prefixes()
-            .iter()
-            .find_map(|p| destination::app_routing_key(p, &dest));
-        let Some(routing_key) = routing_key else {
-            return self.reject_route(now, Route::Unroutable, dest);
-        };
         if self.owed.publishes.len() >= self.config.max_inflight_publishes {
             let limit = self.config.max_inflight_publishes;
             return self.limit_error(
@@ -1351,35 +1348,6 @@ impl Session {
         }));
     }
 
-    fn on_user_send(&mut self, now: Instant, mut frame: Frame) {
-        let dest = frame.header("destination").unwrap_or_default().to_owned();
-        if !self.config.user_send_enabled {
-            return self.client_error(
-                now,
-                &format!("sending to user destination {dest:?} is not allowed"),
-                "clients may not send to other users' destinations (user.client_send_enabled = false)",
-            );
-        }
-        let split = self
-            .config
-            .router
-            .user_prefix()
-            .and_then(|p| destination::split_user_send(p, &dest));
-        let Some((user, rest)) = split else {
-            return self.client_error(
-                now,
-                &format!("invalid user destination {dest:?}"),
-                "SEND to a user destination needs the form /user/<name>/<destination>",
-            );
-        };
-        let key = destination::user_routing_key(&user, &rest);
-        frame.set_header(
-            "destination",
-            format!("/exchange/{}/{key}", self.config.user_exchange),
-        );
-        self.emit_broker(now, frame);
-    }
-
     /// Gives a MESSAGE of a user-destination subscription the destination
     /// the client subscribed to.
     fn rewrite_user_message(&self, mut frame: Frame) -> Frame {
@@ -1396,57 +1364,16 @@ impl Session {
         frame
     }
 
-    fn reject_route(&mut self, now: Instant, route: Route, dest: String) {
-        match route {
-            Route::Relay => {}
-            Route::App if self.config.control_plane => self.client_error(
-                now,
-                "Invalid destination",
-                format!(
-                    "cannot subscribe to application destination {dest:?}: application \
-                     destinations only take SEND; subscribe to the broker destination \
-                     (/topic/..., /exchange/...) that backends publish to"
-                ),
-            ),
-            Route::App => self.client_error(
-                now,
-                "Unknown destination",
-                format!(
-                    "application destination {dest:?} is not served: application destinations \
-                     need the AMQP control plane, which is disabled"
-                ),
-            ),
-            Route::User => self.client_error(
-                now,
-                "Unknown destination",
-                format!(
-                    "user destination {dest:?} is not served: user destinations need the AMQP \
-                     control plane, which is disabled"
-                ),
-            ),
-            Route::Unroutable => {
-                let prefixes = self
-                    .config
-                    .router
-                    .served_prefixes(self.config.control_plane)
-                    .join(", ");
-                // `/queue` or `/queue/`: a known kind with an empty name.
-                let empty_name = self
-                    .config
-                    .router
-                    .relay_prefixes()
-                    .iter()
-                    .any(|p| p == &dest || p.trim_end_matches('/') == dest);
-                let message = if empty_name {
-                    "Invalid destination"
-                } else {
-                    "Unknown destination"
-                };
-                self.client_error(
-                    now,
-                    message,
-                    format!("no route for destination {dest:?}: destinations must start with one of: {prefixes} and name something after it"),
-                )
+    /// ERROR and close for a refused frame; a denial closes with
+    /// [`CloseReason::AccessDenied`] so the driver counts and logs it.
+    fn refuse(&mut self, now: Instant, refusal: Refusal) {
+        match refusal {
+            Refusal::Invalid { message, details } => self.client_error(now, &message, details),
+            Refusal::Denied(denial) => {
+                let error = Frame::error(denial.message(), denial.reason.to_string());
+                self.emit_client(now, error);
+                self.close_broker_leg();
+                self.finish(CloseReason::AccessDenied(denial), true);
             }
         }
     }
@@ -1599,7 +1526,8 @@ fn frame_size(frame: &Frame) -> usize {
 }
 
 /// The headers of a client SEND that travel to backends: everything but
-/// the STOMP protocol headers and the reserved `stomp-*` identity headers.
+/// the STOMP protocol headers and the identity headers only the gateway sets
+/// (`stomp-*`, `user-id`).
 fn client_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
     let mut seen = HashSet::new();
     headers
@@ -1608,7 +1536,7 @@ fn client_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
             !matches!(
                 k.as_str(),
                 "destination" | "receipt" | "content-length" | "content-type" | "transaction"
-            ) && !k.to_ascii_lowercase().starts_with(RESERVED_HEADER_PREFIX)
+            ) && !router::is_identity_header(k)
         })
         .filter(|(k, _)| seen.insert(k.clone()))
         .cloned()
@@ -2266,8 +2194,11 @@ mod tests {
 
     fn cp_config(auth: Option<Arc<dyn Authenticate>>, user_send: bool) -> Arc<SessionConfig> {
         let mut c = (*config()).clone();
-        c.control_plane = true;
-        c.user_send_enabled = user_send;
+        c.router = c
+            .router
+            .clone()
+            .with_control_plane(true)
+            .with_user_send(user_send);
         c.max_inflight_publishes = 2;
         c.authenticator = auth;
         Arc::new(c)
@@ -2295,9 +2226,9 @@ mod tests {
     #[derive(Debug)]
     struct TokenAuth;
     impl Authenticate for TokenAuth {
-        fn authenticate(&self, connect: &Frame) -> Result<Option<String>, String> {
+        fn authenticate(&self, connect: &Frame) -> Result<Option<Principal>, String> {
             match connect.header("token") {
-                Some("alice-token") => Ok(Some("alice".into())),
+                Some("alice-token") => Ok(Some(Principal::user("alice"))),
                 Some(_) => Err("invalid token".into()),
                 None => Ok(None),
             }
@@ -2569,16 +2500,76 @@ mod tests {
     }
 
     #[test]
+    fn a_denied_frame_gets_an_error_then_a_policy_close() {
+        let t0 = Instant::now();
+        let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Subscribe)
+                .with_header("id", "x")
+                .with_header("destination", "/exchange/stomp.user/alice.queue.n"),
+        );
+        let acts = drain(&mut s);
+        let Action::Client(ToClient::Frame(err)) = &acts[0] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(
+            err.header("message"),
+            Some("SUBSCRIBE to \"/exchange/stomp.user/alice.queue.n\" is not allowed")
+        );
+        assert!(acts.contains(&Action::Relay(ToRelay::Close)), "{acts:?}");
+        assert!(!acts.iter().any(
+            |a| matches!(a, Action::Relay(ToRelay::Frame(f)) if f.command == Command::Subscribe)
+        ));
+        let Some(Action::Client(ToClient::Close(reason))) = acts.last() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(reason.ws_code(), 1008);
+        assert!(matches!(reason, CloseReason::AccessDenied(d) if d.command == Command::Subscribe));
+    }
+
+    #[test]
+    fn relayed_sends_lose_identity_headers() {
+        let t0 = Instant::now();
+        let connect = connect_frame("0,0").with_header("token", "alice-token");
+        let (mut s, _) = connected_with(cp_config(Some(Arc::new(TokenAuth)), false), t0, connect);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send)
+                .with_header("destination", "/topic/t")
+                .with_header("stomp-user", "bob")
+                .with_header("user-id", "alice")
+                .with_header("x", "1"),
+        );
+        let acts = drain(&mut s);
+        let [Action::Relay(ToRelay::Frame(f))] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        let names: Vec<&str> = f.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["destination", "x"]);
+        // A user-id that is not the user is refused.
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send)
+                .with_header("destination", "/topic/t")
+                .with_header("user-id", "bob"),
+        );
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "SEND to \"/topic/t\" is not allowed");
+    }
+
+    #[test]
     fn sending_to_users() {
         let t0 = Instant::now();
         let send = Frame::new(Command::Send).with_header("destination", "/user/b.o*b/queue/x");
         let (mut s, _) = connected_with(cp_config(None, false), t0, connect_frame("0,0"));
         s.handle_client_frame(t0, send.clone());
         let (msg, _) = error_then_close(&drain(&mut s));
-        assert_eq!(
-            msg,
-            "sending to user destination \"/user/b.o*b/queue/x\" is not allowed"
-        );
+        assert_eq!(msg, "SEND to \"/user/b.o*b/queue/x\" is not allowed");
+        assert!(matches!(
+            s.close_reason(),
+            Some(CloseReason::AccessDenied(d)) if d.reason == crate::router::DenyReason::UserSendDisabled
+        ));
 
         let (mut s, _) = connected_with(cp_config(None, true), t0, connect_frame("0,0"));
         s.handle_client_frame(t0, send);

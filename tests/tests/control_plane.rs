@@ -19,7 +19,7 @@ use e2e::{
     body_text, check_config, error_text, jwt, send, show, unique, Command, Frame, Gateway,
     GatewayBuilder, Proxy, StompClient, Topology, WAIT,
 };
-use relay_core::destination::user_routing_key;
+use relay_core::router::user_routing_key;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::time::Instant;

@@ -565,10 +565,8 @@ async fn app_and_user_destinations_are_served_by_the_control_plane() -> Result<(
     // /user: the session's own queue on the user exchange; an anonymous
     // session's user name is `session-<session id>`.
     c.subscribe("/user/queue/notifications", "u", &[]).await?;
-    let key = relay_core::destination::user_routing_key(
-        &format!("session-{session}"),
-        "queue/notifications",
-    );
+    let key =
+        relay_core::router::user_routing_key(&format!("session-{session}"), "queue/notifications");
     amqp.publish(
         &user,
         &key,

@@ -31,7 +31,6 @@
 
 mod connection;
 mod publish;
-mod resolve;
 mod supervisor;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -39,7 +38,6 @@ mod topology;
 
 use connection::*;
 use publish::*;
-pub use resolve::*;
 use supervisor::*;
 use topology::*;
 
@@ -61,7 +59,6 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use relay_core::destination::{app_routing_key, split_user_send, user_routing_key};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

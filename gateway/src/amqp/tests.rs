@@ -172,69 +172,6 @@ fn args(pairs: &[(&str, ArgValue)]) -> Arguments {
 }
 
 #[test]
-fn resolve_destination_table() {
-    let mut c = Config::default();
-    c.app.exchange = "app.x".into();
-    c.user.exchange = "user.x".into();
-    let r = |d: &str| resolve_destination(&c, d);
-    let some = |e: &str, k: &str| Some((e.to_owned(), k.to_owned()));
-    assert_eq!(r("/topic/room.42"), some("amq.topic", "room.42"));
-    assert_eq!(
-        r("/exchange/adme.exchange/room.42"),
-        some("adme.exchange", "room.42")
-    );
-    assert_eq!(r("/exchange/e/a/b"), some("e", "a/b"));
-    assert_eq!(r("/exchange/e"), some("e", ""));
-    assert_eq!(r("/exchange/e/"), some("e", ""));
-    assert_eq!(r("/queue/q1"), some("", "q1"));
-    assert_eq!(r("/amq/queue/q2"), some("", "q2"));
-    assert_eq!(
-        r("/app/chat.sendMessage"),
-        some("app.x", "chat.sendMessage")
-    );
-    assert_eq!(r("/app/chat/send"), some("app.x", "chat.send"));
-    assert_eq!(
-        r("/user/alice/queue/notifications"),
-        some("user.x", "alice.queue.notifications")
-    );
-    assert_eq!(r("/user/a.b/queue/x"), some("user.x", "a%2Eb.queue.x"));
-    for none in [
-        "/temp-queue/x",
-        "/reply-queue/x",
-        "/topic/",
-        "/exchange/",
-        "/exchange//rk",
-        "/queue/",
-        "/amq/queue/",
-        "/app/",
-        "/user/alice",
-        "/user//queue/x",
-        "/nowhere/x",
-        "topic/x",
-        "",
-    ] {
-        assert_eq!(r(none), None, "{none:?}");
-    }
-    assert_eq!(
-        resolve(&c, "/topic/x").unwrap().kind,
-        DestinationKind::Topic
-    );
-    assert!(!DestinationKind::Topic.mandatory());
-    assert!(!DestinationKind::Exchange.mandatory());
-    assert!(!DestinationKind::User.mandatory());
-    assert!(DestinationKind::Queue.mandatory());
-    assert!(DestinationKind::App.mandatory());
-
-    // Configured prefixes win.
-    c.app.prefixes = vec!["/backend/".into()];
-    c.user.prefix = "/u/".into();
-    let r = |d: &str| resolve_destination(&c, d);
-    assert_eq!(r("/backend/a/b"), some("app.x", "a.b"));
-    assert_eq!(r("/app/x"), None);
-    assert_eq!(r("/u/bob/queue/x"), some("user.x", "bob.queue.x"));
-}
-
-#[test]
 fn pod_id_comes_from_the_config() {
     let mut c = Config::default();
     let id = c.pod_id();

@@ -96,6 +96,14 @@ pub(crate) fn load_from(
                 ),
             ));
         }
+        if key == "auth.rules" || key.starts_with("auth.rules.") {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "auth.rules can only be set in the config file (not by environment variable {name})"
+                ),
+            ));
+        }
         strict::check_env(name, &key, value, &known)?;
         match lookup(&known, &key) {
             Some(serde_json::Value::String(_)) => {
@@ -161,6 +169,10 @@ fn schema() -> Result<serde_json::Value, ConfigError> {
             exchanges: vec![ExchangeDecl::default()],
             queues: vec![QueueDecl::default()],
             bindings: vec![BindingDecl::default()],
+        },
+        auth: AuthConfig {
+            rules: vec![AuthRule::schema_sample()],
+            ..AuthConfig::default()
         },
         ..Config::default()
     };

@@ -11,10 +11,12 @@
 //! - [`load`]: defaults, then the TOML file, then the environment.
 //! - [`strict`]: value types checked before the sources are merged.
 //! - [`validate`]: the value rules, each error naming its key.
+//! - [`auth_rules`]: `[[auth.rules]]`, compiled into the session core's router.
 //!
 //! [`crate::settings`] turns a validated configuration into the typed
 //! runtime settings (TLS client configs, JWT keys) the rest of the gateway takes.
 
+mod auth_rules;
 mod load;
 mod strict;
 #[cfg(test)]
@@ -22,6 +24,7 @@ mod tests;
 mod types;
 mod validate;
 
+pub use auth_rules::{AuthDefault, AuthRule};
 #[cfg(test)]
 pub(crate) use load::load_from;
 pub use load::{env_var_for, load};

@@ -15,7 +15,7 @@ use serde_json::Value as Schema;
 
 /// Keys whose values are one of a fixed set of words (list indices written
 /// as `[]`).
-pub(super) const ENUM_KEYS: [(&str, &[&str]); 7] = [
+pub(super) const ENUM_KEYS: [(&str, &[&str]); 8] = [
     ("server.message_type", &["auto", "text", "binary"]),
     ("broker.mode", &["embedded", "relay"]),
     ("log.format", &["text", "json"]),
@@ -28,6 +28,7 @@ pub(super) const ENUM_KEYS: [(&str, &[&str]); 7] = [
         &["topic", "direct", "fanout", "headers"],
     ),
     ("auth.mode", &["none", "jwt"]),
+    ("auth.default", &["allow", "deny"]),
     (
         "auth.jwt_algorithm",
         &[

@@ -643,6 +643,10 @@ pub struct AuthConfig {
     pub jwt_leeway_secs: u64,
     /// Refuse tokens without an `exp` claim.
     pub jwt_require_exp: bool,
+    /// What happens to a SEND/SUBSCRIBE no rule matches.
+    pub default: super::AuthDefault,
+    /// Authorization rules, first match wins (file only).
+    pub rules: Vec<super::AuthRule>,
 }
 
 impl Default for AuthConfig {
@@ -658,6 +662,8 @@ impl Default for AuthConfig {
             token_header: "Authorization".into(),
             jwt_leeway_secs: 60,
             jwt_require_exp: true,
+            default: super::AuthDefault::Allow,
+            rules: Vec::new(),
         }
     }
 }

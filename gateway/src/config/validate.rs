@@ -19,6 +19,7 @@ impl Config {
         self.validate_exchanges()?;
         self.api.validate()?;
         self.auth.validate()?;
+        self.policy()?;
         self.validate_topology()?;
         self.sockjs.validate()?;
         self.demo.validate()?;
