@@ -11,8 +11,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_core::router::Router;
 use relay_core::heartbeat::HeartBeat;
+use relay_core::router::Router;
 use relay_core::session::{Action, Session, SessionConfig, ToClient};
 use relay_core::{Command, DecodeError, Frame};
 use std::sync::Arc;
