@@ -13,10 +13,12 @@
 //! [`check_times`] does this with the time passed in.
 
 use crate::config::JwtAlgorithm;
+use crate::metrics::{AuthFailure, Metrics};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use relay_core::policy::Principal;
 use relay_core::session::Authenticate;
 use relay_core::Frame;
+use std::sync::Arc;
 
 /// A JWT setting that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +255,47 @@ impl Authenticate for JwtAuthenticator {
             user: Some(user),
             claims,
         }))
+    }
+}
+
+/// Why [`JwtAuthenticator::authenticate`] refused a CONNECT, from its
+/// message (for the `auth_failures_total` metric).
+pub fn failure_kind(message: &str) -> AuthFailure {
+    if message.starts_with("no token") {
+        AuthFailure::NoToken
+    } else if message.starts_with("token has no") {
+        AuthFailure::NoUser
+    } else if message.starts_with("invalid token: expired")
+        || message.starts_with("invalid token: not valid for another")
+        || message.contains("ExpiredSignature")
+        || message.contains("ImmatureSignature")
+    {
+        AuthFailure::Expired
+    } else {
+        AuthFailure::Invalid
+    }
+}
+
+/// An authenticator that counts its refusals in `auth_failures_total`.
+#[derive(Debug)]
+pub struct Counted {
+    inner: Arc<dyn Authenticate>,
+    metrics: Arc<Metrics>,
+}
+
+impl Counted {
+    pub fn wrap(inner: Arc<dyn Authenticate>, metrics: Arc<Metrics>) -> Arc<dyn Authenticate> {
+        Arc::new(Counted { inner, metrics })
+    }
+}
+
+impl Authenticate for Counted {
+    fn authenticate(&self, connect: &Frame) -> Result<Option<String>, String> {
+        let result = self.inner.authenticate(connect);
+        if let Err(message) = &result {
+            self.metrics.auth_failed(failure_kind(message));
+        }
+        result
     }
 }
 
@@ -510,5 +553,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("auth.jwt_public_key_file"));
+    }
+
+    #[test]
+    fn refusals_are_classified_for_the_metric() {
+        let a = JwtAuthenticator::new(&settings()).unwrap();
+        let kind = |f: &Frame| failure_kind(&a.authenticate(f).unwrap_err());
+        let claims = |exp: u64| serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "exp": exp});
+        assert_eq!(kind(&Frame::new(Command::Connect)), AuthFailure::NoToken);
+        let expired = token(
+            "s3cret",
+            claims(jsonwebtoken::get_current_timestamp() - 3600),
+        );
+        assert_eq!(kind(&connect("passcode", &expired)), AuthFailure::Expired);
+        let early = token(
+            "s3cret",
+            serde_json::json!({"sub": "alice", "iss": "https://issuer.example", "exp": exp(),
+                "nbf": jsonwebtoken::get_current_timestamp() + 3600}),
+        );
+        assert_eq!(kind(&connect("passcode", &early)), AuthFailure::Expired);
+        let forged = token("other", claims(exp()));
+        assert_eq!(kind(&connect("passcode", &forged)), AuthFailure::Invalid);
+        assert_eq!(
+            kind(&connect("passcode", "not-a-jwt")),
+            AuthFailure::Invalid
+        );
+        let anonymous = token(
+            "s3cret",
+            serde_json::json!({"iss": "https://issuer.example", "exp": exp()}),
+        );
+        assert_eq!(kind(&connect("passcode", &anonymous)), AuthFailure::NoUser);
     }
 }

@@ -23,13 +23,14 @@ use crate::amqp::{OutboundMessage, PublishError};
 use crate::broker::{BrokerError, BrokerReadHalf, BrokerStream, BrokerWriteHalf, FrameReader};
 use crate::broker_side::OpenLeg;
 use crate::config::MessageType;
+use crate::metrics::{GaugeGuard, GaugeShare};
 use crate::state::{SessionSlot, Shared};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
 use futures_util::{FutureExt, Sink, SinkExt, Stream};
 use relay_core::codec::{encode_to_bytes, HEARTBEAT};
 use relay_core::session::{Action, AppPublish, CloseReason, Session, ToClient, ToRelay};
-use relay_core::{Decoder, Frame, Item, Version};
+use relay_core::{Command, Decoder, Frame, Item, Version};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -87,12 +88,16 @@ impl Queue {
 }
 
 enum ClientOut {
-    Message(Message, usize),
+    /// A message, its length, and when the broker frame it carries was read
+    /// (for the relay latency; `None` for what the gateway says itself).
+    Message(Message, usize, Option<Instant>),
     Close(u16, String),
 }
 
 enum BrokerOut {
-    Data(Bytes),
+    /// Bytes, and when the client frames in them were read and how many
+    /// there are (for the relay latency).
+    Data(Bytes, Option<(Instant, u32)>),
     Close,
 }
 
@@ -102,6 +107,8 @@ struct BrokerLeg {
     queue: Arc<Queue>,
     writer: tokio::task::JoinHandle<()>,
     address: String,
+    /// Counts this leg in `broker_links_up{link="session"}` while it lives.
+    _up: GaugeGuard,
 }
 
 type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<(), PublishError>)> + Send>>;
@@ -131,17 +138,25 @@ pub async fn run<T: ClientTransport>(
     peer: SocketAddr,
     subprotocol: Option<Version>,
     permit: crate::admission::Ticket,
+    transport: &'static str,
 ) {
     let slot = SessionSlot::open(shared.health.clone(), permit);
     shared.metrics.sessions_opened.inc();
     let started = Instant::now();
+    let _open = GaugeGuard::new(shared.metrics.sessions_open(transport));
+    let mut subscriptions = GaugeShare::new(shared.metrics.subscriptions_open("relay"));
     info!(pod = %shared.pod, session = %id, %peer, subprotocol = subprotocol.map(|v| v.subprotocol()), "session opened");
 
     let wake = Arc::new(Notify::new());
     let (sink, mut stream) = ws.split();
     let client_queue = Queue::new(wake.clone());
     let (client_tx, client_rx) = mpsc::unbounded_channel();
-    let client_writer = tokio::spawn(write_client(sink, client_rx, client_queue.clone()));
+    let client_writer = tokio::spawn(write_client(
+        sink,
+        client_rx,
+        client_queue.clone(),
+        shared.metrics.relay_broker_to_client_seconds.clone(),
+    ));
 
     let mut d = Driver {
         session: Session::new(shared.session.clone(), id.clone(), started),
@@ -156,6 +171,11 @@ pub async fn run<T: ClientTransport>(
         broker_address: None,
         publishes: FuturesUnordered::new(),
         broker_pending: BytesMut::new(),
+        pending_timing: None,
+        client_read_at: None,
+        broker_read_at: None,
+        connect_read_at: None,
+        broker_connect_started: None,
     };
     // Stop reading the client while half the per-session publish budget is
     // unconfirmed, so a burst in one WebSocket message rarely hits the limit.
@@ -233,7 +253,12 @@ pub async fn run<T: ClientTransport>(
             Some((id, res)) = d.publishes.next(), if !d.publishes.is_empty() => {
                 match &res {
                     Ok(()) => shared.metrics.app_published.inc(),
-                    Err(_) => shared.metrics.app_failed.inc(),
+                    Err(e) => {
+                        shared.metrics.app_failed.inc();
+                        if matches!(e, PublishError::Overloaded) {
+                            shared.metrics.limit_hit("amqp.max_inflight_publishes");
+                        }
+                    }
                 }
                 d.session.handle_publish_result(Instant::now(), id, res.map_err(|e| e.to_string()));
             }
@@ -248,6 +273,7 @@ pub async fn run<T: ClientTransport>(
                 if d.broker.as_ref().is_some_and(|b| b.queue.has_failed()) {
                     d.broker = None;
                     d.broker_pending.clear();
+                    d.pending_timing = None;
                     d.session.handle_broker_failed(Instant::now(), "write to the broker failed");
                 }
             }
@@ -262,8 +288,10 @@ pub async fn run<T: ClientTransport>(
         }
         d.run_actions();
         d.flush_broker();
+        subscriptions.set(d.session.subscription_count());
     }
     d.flush_broker();
+    drop(subscriptions);
 
     // Let the writers flush the last frames (an ERROR, a RECEIPT) before the
     // sockets close.
@@ -333,6 +361,17 @@ struct Driver {
     publishes: FuturesUnordered<PublishFuture>,
     /// Bytes for the broker queued during this loop turn.
     broker_pending: BytesMut,
+    /// When the first client frame in `broker_pending` was read, and how
+    /// many client frames it holds (relay latency).
+    pending_timing: Option<(Instant, u32)>,
+    /// When the client input being handled now was read.
+    client_read_at: Option<Instant>,
+    /// When the broker frame being handled now was read.
+    broker_read_at: Option<Instant>,
+    /// When the client's CONNECT was read (CONNECT-to-CONNECTED time).
+    connect_read_at: Option<Instant>,
+    /// When the session's broker connection attempt started.
+    broker_connect_started: Option<Instant>,
 }
 
 impl Driver {
@@ -345,6 +384,11 @@ impl Driver {
                 self.session.handle_client_activity(now)
             }
             Some(Ok(Message::Close(_))) | None => self.session.handle_client_closed(now),
+            Some(Err(e @ tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                self.shared.metrics.limit_hit("server.max_ws_message_size");
+                debug!(session = %self.session.id(), error = %e, "client WebSocket message too large");
+                self.session.handle_client_closed(now);
+            }
             Some(Err(e)) => {
                 debug!(session = %self.session.id(), error = %e, "client WebSocket error");
                 match websocket_violation(&e, self.shared.config.server.max_ws_message_size) {
@@ -381,9 +425,14 @@ impl Driver {
     fn feed(&mut self, now: Instant, data: &[u8]) {
         self.session.handle_client_activity(now);
         self.decoder.extend(data);
+        self.client_read_at = Some(now);
         loop {
             match self.decoder.decode() {
                 Ok(Some(Item::Frame(frame))) => {
+                    self.shared.metrics.frames_received.inc(frame.command);
+                    if matches!(frame.command, Command::Connect | Command::Stomp) {
+                        self.connect_read_at.get_or_insert(now);
+                    }
                     self.session.handle_client_frame(now, frame);
                     // CONNECT fixes the escaping rules for what follows.
                     self.decoder.set_version(self.session.client_version());
@@ -406,6 +455,7 @@ impl Driver {
 
     fn on_broker_item(&mut self, item: Result<Item, BrokerError>) {
         let now = Instant::now();
+        self.broker_read_at = Some(now);
         match item {
             Ok(Item::Frame(frame)) => {
                 self.session.handle_broker_frame(now, frame);
@@ -420,6 +470,7 @@ impl Driver {
                     self.closing_brokers.push(b.writer);
                 }
                 self.broker_pending.clear();
+                self.pending_timing = None;
                 match e {
                     BrokerError::Decode(relay_core::DecodeError::FrameTooLarge { limit }) => {
                         self.session.handle_broker_frame_too_large(now, limit)
@@ -437,10 +488,23 @@ impl Driver {
                 let (read, write) = stream.into_split();
                 let queue = Queue::new(self.client_queue.wake.clone());
                 let (tx, rx) = mpsc::unbounded_channel();
-                let writer = tokio::spawn(write_broker(write, rx, queue.clone()));
+                let writer = tokio::spawn(write_broker(
+                    write,
+                    rx,
+                    queue.clone(),
+                    self.shared.metrics.relay_client_to_broker_seconds.clone(),
+                ));
                 let mut reader = FrameReader::new(read, self.shared.broker_limits);
                 reader.set_version(self.session.broker_version());
                 debug!(session = %self.session.id(), broker = %address, "broker connection open");
+                if let Some(started) = self.broker_connect_started.take() {
+                    let took = started.elapsed();
+                    self.shared.metrics.broker_connected(
+                        crate::metrics::Link::Session,
+                        took,
+                        false,
+                    );
+                }
                 self.broker_address = Some(address.clone());
                 self.broker = Some(BrokerLeg {
                     reader,
@@ -448,6 +512,7 @@ impl Driver {
                     queue,
                     writer,
                     address,
+                    _up: GaugeGuard::new(self.shared.metrics.session_links_up.clone()),
                 });
                 if let Some(connect) = self.connect_frame.take() {
                     relay_core::encode(
@@ -473,18 +538,31 @@ impl Driver {
                 Action::App(publish) => self.publish(publish),
             }
         }
+        // What the next actions answer was read later.
+        self.client_read_at = None;
+        self.broker_read_at = None;
     }
 
     fn on_client_action(&mut self, action: ToClient) {
         match action {
             ToClient::Frame(frame) => {
+                self.shared.metrics.frames_sent.inc(frame.command);
+                if frame.command == Command::Connected {
+                    if let Some(read) = self.connect_read_at {
+                        self.shared
+                            .metrics
+                            .stomp_connect_seconds
+                            .observe(read.elapsed().as_secs_f64());
+                    }
+                }
                 let bytes = encode_to_bytes(&frame, self.session.client_version());
                 self.shared.metrics.frames_broker_to_client.inc();
                 self.shared
                     .metrics
                     .bytes_broker_to_client
                     .inc_by(bytes.len() as u64);
-                self.send_client(bytes);
+                let read = self.broker_read_at;
+                self.send_client_timed(bytes, read);
             }
             ToClient::Heartbeat => self.send_client(Bytes::from_static(HEARTBEAT)),
             ToClient::Close(reason) => {
@@ -499,6 +577,7 @@ impl Driver {
         match action {
             ToRelay::Open(connect) => {
                 self.connect_frame = Some(connect);
+                self.broker_connect_started = Some(Instant::now());
                 self.connecting = Some(self.shared.broker_side.open());
             }
             ToRelay::Frame(frame) => {
@@ -511,6 +590,10 @@ impl Driver {
                         &mut self.broker_pending,
                     );
                     let len = self.broker_pending.len() - before;
+                    if let Some(read) = self.client_read_at {
+                        let t = self.pending_timing.get_or_insert((read, 0));
+                        t.1 += 1;
+                    }
                     self.shared.metrics.frames_client_to_broker.inc();
                     self.shared
                         .metrics
@@ -522,6 +605,7 @@ impl Driver {
             ToRelay::Close => {
                 self.connecting = None;
                 self.connect_frame = None;
+                self.broker_connect_started = None;
                 // What this turn queued (a DISCONNECT) goes first.
                 self.flush_broker();
                 if let Some(b) = self.broker.take() {
@@ -560,8 +644,13 @@ impl Driver {
         };
         let control = self.shared.control.clone();
         let id = p.id;
-        self.publishes
-            .push(Box::pin(async move { (id, control.publish(msg).await) }));
+        let confirm = self.shared.metrics.app_confirm_seconds.clone();
+        self.publishes.push(Box::pin(async move {
+            let started = Instant::now();
+            let result = control.publish(msg).await;
+            confirm.observe(started.elapsed().as_secs_f64());
+            (id, result)
+        }));
     }
 
     /// Queues bytes for the broker; they go out with [`Driver::flush_broker`]
@@ -579,19 +668,30 @@ impl Driver {
         }
         // `take` leaves no spare capacity behind on idle sessions.
         let bytes = std::mem::take(&mut self.broker_pending).freeze();
+        let timing = self.pending_timing.take();
         if let Some(b) = &self.broker {
             b.queue.add(bytes.len());
-            if b.tx.send(BrokerOut::Data(bytes)).is_err() {
+            if b.tx.send(BrokerOut::Data(bytes, timing)).is_err() {
                 b.queue.fail();
             }
         }
     }
 
     fn send_client(&mut self, bytes: Bytes) {
+        self.send_client_timed(bytes, None);
+    }
+
+    /// [`Driver::send_client`] for a frame caused by a broker frame read at
+    /// `read` (its relay latency is observed once it is written).
+    fn send_client_timed(&mut self, bytes: Bytes, read: Option<Instant>) {
         let len = bytes.len();
         let msg = ws_message(bytes, self.shared.message_type);
         self.client_queue.add(len);
-        if self.client_tx.send(ClientOut::Message(msg, len)).is_err() {
+        if self
+            .client_tx
+            .send(ClientOut::Message(msg, len, read))
+            .is_err()
+        {
             self.client_queue.fail();
         }
     }
@@ -741,14 +841,18 @@ async fn write_client<T: ClientTransport>(
     mut sink: SplitSink<T, Message>,
     mut rx: mpsc::UnboundedReceiver<ClientOut>,
     queue: Arc<Queue>,
+    latency: prometheus::Histogram,
 ) {
+    // When the broker frames in this batch were read (reused across batches).
+    let mut read_times: Vec<Instant> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut batch = 0usize;
         let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
-                ClientOut::Message(msg, len) => {
+                ClientOut::Message(msg, len, read) => {
                     batch += len;
+                    read_times.extend(read);
                     if sink.feed(msg).await.is_err() {
                         queue.fail();
                         return;
@@ -771,6 +875,9 @@ async fn write_client<T: ClientTransport>(
             queue.fail();
             return;
         }
+        for read in read_times.drain(..) {
+            latency.observe(read.elapsed().as_secs_f64());
+        }
         queue.done(batch);
     }
     let _ = sink.close().await;
@@ -781,14 +888,20 @@ async fn write_broker(
     mut w: BrokerWriteHalf,
     mut rx: mpsc::UnboundedReceiver<BrokerOut>,
     queue: Arc<Queue>,
+    latency: prometheus::Histogram,
 ) {
     let mut buf = BytesMut::new();
+    // When the client frames in this write were read, and how many.
+    let mut read_times: Vec<(Instant, u32)> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut close = false;
         let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
-                BrokerOut::Data(b) => buf.extend_from_slice(&b),
+                BrokerOut::Data(b, timing) => {
+                    buf.extend_from_slice(&b);
+                    read_times.extend(timing);
+                }
                 BrokerOut::Close => {
                     close = true;
                     break;
@@ -804,6 +917,12 @@ async fn write_broker(
                 return;
             }
             buf.clear();
+            for (read, frames) in read_times.drain(..) {
+                let seconds = read.elapsed().as_secs_f64();
+                for _ in 0..frames {
+                    latency.observe(seconds);
+                }
+            }
             queue.done(n);
         }
         if close {

@@ -46,6 +46,7 @@ impl Handler for StompHandler {
         let Some(permit) = shared.try_admit() else {
             warn!(peer = %info.peer, limit = shared.config.server.max_connections, transport = info.transport.name(), "rejected SockJS session: connection limit reached");
             shared.metrics.rejected(Rejection::ConnectionLimit);
+            shared.metrics.limit_hit("server.max_connections");
             return Err(Refused("connection limit reached".into()));
         };
         let id = shared.next_session_id();
@@ -58,6 +59,7 @@ impl Handler for StompHandler {
             info.peer,
             None,
             permit,
+            crate::metrics::sockjs_transport(info.transport.name()),
         ));
         Ok(())
     }

@@ -76,9 +76,9 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     // publish and wait for confirms), not on the shutdown signal itself.
     let (control_stop, control_stopped) = watch::channel(false);
     let control = if config.control_plane_enabled() {
-        ControlPlane::start(&settings, health.clone(), control_stopped).await?
+        ControlPlane::start(&settings, health.clone(), metrics.clone(), control_stopped).await?
     } else {
-        ControlPlane::off(&settings, health.clone())?
+        ControlPlane::off(&settings, health.clone(), metrics.clone())?
     };
     let shared = Arc::new(Shared::new(
         &settings,
@@ -112,12 +112,20 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             }
         }
     });
+    tokio::spawn(crate::telemetry::log_stats(
+        shared.metrics.clone(),
+        health.clone(),
+        Duration::from_millis(config.log.stats_interval_ms),
+        config.log.format == crate::config::LogFormat::Json,
+        shutdown.clone(),
+    ));
     // The system link watches RabbitMQ's STOMP plugin: relay mode only.
     let system = tokio::spawn({
         let run = (!embedded).then(|| {
             crate::system::run(
                 config.clone(),
                 health.clone(),
+                shared.metrics.clone(),
                 shared.broker_tls.clone(),
                 shutdown.clone(),
             )
@@ -515,7 +523,7 @@ fn handle(
                     Some(shared.ws_config),
                 )
                 .await;
-                crate::client::run(ws, shared, id, peer, protocol, permit).await;
+                crate::client::run(ws, shared, id, peer, protocol, permit, "websocket").await;
             }
             Err(e) => debug!(%peer, error = %e, "WebSocket upgrade failed"),
         }

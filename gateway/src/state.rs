@@ -13,7 +13,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use relay_core::heartbeat::HeartBeat;
-use relay_core::session::{Authenticate, SessionConfig};
+use relay_core::session::SessionConfig;
 use relay_core::Limits;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,7 +73,7 @@ impl Shared {
         let authenticator = settings
             .authenticator
             .clone()
-            .map(|a| a as Arc<dyn Authenticate>);
+            .map(|a| crate::auth::Counted::wrap(a, metrics.clone()));
         let session = SessionConfig {
             client_heartbeat: HeartBeat::new(s.heartbeat_send_ms, s.heartbeat_receive_ms),
             client_heartbeat_min_ms: s.heartbeat_min_ms,

@@ -11,6 +11,7 @@ use crate::backoff::Backoff;
 use crate::broker::{self, BrokerError, BrokerReadHalf, BrokerWriteHalf, FrameReader};
 use crate::config::Config;
 use crate::health::Health;
+use crate::metrics::{self, Metrics};
 use crate::tls::BrokerTls;
 use bytes::BytesMut;
 use relay_core::codec::HEARTBEAT;
@@ -42,12 +43,15 @@ const DISCONNECT_RECEIPT: &str = "system-disconnect";
 pub async fn run(
     config: Arc<Config>,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     tls: Option<Arc<BrokerTls>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let b = &config.broker;
     health.set_broker_tls(tls.is_some());
     let mut backoff = Backoff::new(b.reconnect_initial_ms, b.reconnect_max_ms);
+    // Every connection after the first attempt is a reconnect (metric).
+    let mut attempted = false;
     loop {
         if *shutdown.borrow_and_update() {
             break;
@@ -56,10 +60,12 @@ pub async fn run(
             () = stopped(&mut shutdown) => {
                 break;
             }
-            attempt = connect(&config, tls.as_deref()) => attempt,
+            attempt = timed(connect(&config, tls.as_deref())) => attempt,
         };
         let reason = match attempt {
-            Ok(mut link) => {
+            (Ok(mut link), took) => {
+                metrics.broker_connected(metrics::Link::System, took, attempted);
+                attempted = true;
                 backoff.reset();
                 health.set_system_link_up(&link.address);
                 info!(
@@ -74,7 +80,10 @@ pub async fn run(
                     End::Lost(reason) => format!("system link to {} lost: {reason}", link.address),
                 }
             }
-            Err(reason) => format!("system link cannot connect: {reason}"),
+            (Err(reason), _) => {
+                attempted = true;
+                format!("system link cannot connect: {reason}")
+            }
         };
         health.set_system_link_down(&reason);
         let delay = backoff.next_delay();
@@ -88,6 +97,13 @@ pub async fn run(
     }
     health.set_system_link_down("shutting down");
     info!("system link stopped");
+}
+
+/// `f`'s output and how long it took.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let out = f.await;
+    (out, started.elapsed())
 }
 
 /// Resolves once shutdown is requested (or its sender is gone).
@@ -347,7 +363,8 @@ mod tests {
         let health = Arc::new(Health::new());
         let (tx, rx) = watch::channel(false);
         let tls = BrokerTls::from_config(&config.broker.tls).expect("usable [broker.tls]");
-        let task = tokio::spawn(run(config, health.clone(), tls, rx));
+        let metrics = Arc::new(Metrics::new("test").expect("metrics"));
+        let task = tokio::spawn(run(config, health.clone(), metrics, tls, rx));
         (health, tx, task)
     }
 

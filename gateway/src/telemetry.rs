@@ -1,8 +1,60 @@
-//! Logging: `tracing` to stderr, as text or JSON lines.
+//! Logging: `tracing` to stderr, as text or JSON lines, and the periodic
+//! one-line stats log (`log.stats_interval_ms`).
 
 use crate::config::{LogConfig, LogFormat};
+use crate::health::Health;
+use crate::metrics::Metrics;
 use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
+
+/// Logs [`Metrics::stats`] every `every` (like Spring's
+/// `WebSocketMessageBrokerStats`), target `stomp_gateway::stats`, until
+/// shutdown. A zero interval logs nothing. With `fields` (JSON logs) the
+/// main counts are event fields too.
+pub async fn log_stats(
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    every: Duration,
+    fields: bool,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if every.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => log_once(&metrics, &health, fields),
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+}
+
+fn log_once(metrics: &Metrics, health: &Health, fields: bool) {
+    let s = metrics.stats(health);
+    if !fields {
+        tracing::info!(target: "stomp_gateway::stats", "stats: {s}");
+        return;
+    }
+    tracing::info!(
+        target: "stomp_gateway::stats",
+        sessions_open = s.sessions_open,
+        sessions_opened = s.sessions_opened,
+        sessions_closed = s.sessions_closed,
+        closed_abnormally = s.closed_abnormally,
+        subscriptions_open = s.subscriptions_open,
+        session_links_up = s.session_links_up,
+        reconnects = s.reconnects,
+        app_failed = s.app_failed,
+        auth_failures = s.auth_failures,
+        draining = s.draining,
+        "stats: {s}"
+    );
+}
 
 /// Installs the global subscriber. The filter is `RUST_LOG` when set and
 /// valid, else `log.filter`. Safe to call more than once: later calls (and
@@ -62,6 +114,7 @@ mod tests {
         let cfg = LogConfig {
             filter: "warn".into(),
             format: LogFormat::Text,
+            ..LogConfig::default()
         };
         let (f, err) = filter(&cfg, Some("debug"));
         assert_eq!(f.to_string(), "debug");
@@ -87,6 +140,7 @@ mod tests {
         assert!(!init(&LogConfig {
             filter: "debug".into(),
             format: LogFormat::Json,
+            ..LogConfig::default()
         }));
     }
 }

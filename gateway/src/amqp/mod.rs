@@ -147,6 +147,7 @@ pub enum ControlPlaneError {
 struct Inner {
     config: Arc<Config>,
     health: Arc<Health>,
+    metrics: Arc<crate::metrics::Metrics>,
     pod_id: String,
     /// `<pod>-<random>`: message ids are `<prefix>-<counter>`.
     id_prefix: String,
@@ -183,17 +184,24 @@ impl ControlPlane {
     pub async fn start(
         settings: &Settings,
         health: Arc<Health>,
+        metrics: Arc<crate::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<ControlPlane, ControlPlaneError> {
-        let inner = Self::build(settings, health)?;
+        let inner = Self::build(settings, health, metrics)?;
+        let started = Instant::now();
         let first = match inner.connect().await {
             Ok((conn, node)) => match inner.declare(&conn).await {
                 Ok(counts) => {
                     inner.log_declared(counts);
+                    let took = started.elapsed();
+                    inner
+                        .metrics
+                        .broker_connected(crate::metrics::Link::Amqp, took, false);
                     Some((conn, node))
                 }
                 Err(DeclareFailure::Entity(e)) => {
                     // Start-up stops with this error; main logs it, once.
+                    inner.count_declare_failure(&e);
                     let _ = conn.close(200, "topology declaration failed".into()).await;
                     inner.pool.close();
                     return Err(e);
@@ -230,8 +238,9 @@ impl ControlPlane {
     pub fn off(
         settings: &Settings,
         health: Arc<Health>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<ControlPlane, ControlPlaneError> {
-        let inner = Self::build(settings, health)?;
+        let inner = Self::build(settings, health, metrics)?;
         *inner.reason() =
             "no AMQP control plane: broker.mode is \"embedded\" and amqp.url is not set".to_owned();
         inner.stopped.send_replace(true);
@@ -239,7 +248,11 @@ impl ControlPlane {
     }
 
     /// The control plane's state, not connected yet.
-    fn build(settings: &Settings, health: Arc<Health>) -> Result<Arc<Inner>, ControlPlaneError> {
+    fn build(
+        settings: &Settings,
+        health: Arc<Health>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Inner>, ControlPlaneError> {
         let config = settings.config.clone();
         let pod_id = settings.pod.clone();
         let amqp = &config.amqp;
@@ -303,6 +316,7 @@ impl ControlPlane {
             stopped,
             config,
             health,
+            metrics,
         });
         Ok(inner)
     }

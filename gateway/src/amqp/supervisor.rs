@@ -81,13 +81,19 @@ pub(super) async fn supervise(
             () = stopped(&mut shutdown) => return inner.shut_down(None).await,
         }
         attempt = attempt.saturating_add(1);
+        let started = Instant::now();
         let result = match inner.connect().await {
             Ok((c, node)) => match inner.declare(&c).await {
                 Ok(counts) => {
                     inner.log_declared(counts);
+                    let took = started.elapsed();
+                    inner
+                        .metrics
+                        .broker_connected(crate::metrics::Link::Amqp, took, true);
                     Ok((c, node))
                 }
                 Err(DeclareFailure::Entity(e)) => {
+                    inner.count_declare_failure(&e);
                     let _ = c.close(200, "topology declaration failed".into()).await;
                     error!("AMQP topology declaration failed after reconnecting: {e}; retrying");
                     Err(e.to_string())

@@ -15,7 +15,8 @@ pub(crate) async fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<ControlPlane, ControlPlaneError> {
     let settings = Settings::build(config).expect("usable settings");
-    ControlPlane::start(&settings, health, shutdown).await
+    let metrics = Arc::new(crate::metrics::Metrics::new("test").expect("metrics"));
+    ControlPlane::start(&settings, health, metrics, shutdown).await
 }
 
 /// [`start`] with an explicit pod id (several gateways in one process).
@@ -27,7 +28,8 @@ async fn start_as(
 ) -> Result<ControlPlane, ControlPlaneError> {
     let mut settings = Settings::build(config).expect("usable settings");
     settings.pod = pod;
-    ControlPlane::start(&settings, health, shutdown).await
+    let metrics = Arc::new(crate::metrics::Metrics::new("test").expect("metrics"));
+    ControlPlane::start(&settings, health, metrics, shutdown).await
 }
 
 /// A name no other test (or engineer) uses.

@@ -22,6 +22,15 @@ pub(super) enum DeclareFailure {
 
 impl Inner {
     pub(super) fn log_declared(&self, c: TopologyCounts) {
+        for (kind, n) in [
+            ("exchange", c.exchanges),
+            ("queue", c.queues),
+            ("binding", c.bindings),
+        ] {
+            for _ in 0..n {
+                self.metrics.topology_declared(kind, true);
+            }
+        }
         info!(
             exchanges = c.exchanges,
             queues = c.queues,
@@ -31,6 +40,17 @@ impl Inner {
             c.queues,
             c.bindings
         );
+    }
+
+    /// Counts a refused declaration (`exchange '...'`, `queue '...'`,
+    /// `binding ...` in the error's entity) in the metrics.
+    pub(super) fn count_declare_failure(&self, e: &ControlPlaneError) {
+        let (ControlPlaneError::Conflict { entity, .. }
+        | ControlPlaneError::Declare { entity, .. }) = e;
+        let kind = entity.split(' ').next().unwrap_or_default();
+        if crate::metrics::TOPOLOGY_KINDS.contains(&kind) {
+            self.metrics.topology_declared(kind, false);
+        }
     }
 
     /// Declares the gateway's exchanges and `[topology]` on one channel of

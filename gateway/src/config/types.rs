@@ -784,6 +784,9 @@ pub struct LogConfig {
     pub filter: String,
     /// `text` or `json`.
     pub format: LogFormat,
+    /// How often the one-line stats summary is logged (ms, 0 = never), like
+    /// Spring's `WebSocketMessageBrokerStats`.
+    pub stats_interval_ms: u64,
 }
 
 /// `log.format`.
@@ -802,6 +805,7 @@ impl Default for LogConfig {
         LogConfig {
             filter: "info".into(),
             format: LogFormat::Text,
+            stats_interval_ms: 1_800_000,
         }
     }
 }
