@@ -215,6 +215,7 @@ cat > "$TMP/scrape.toml" <<TOML
 [server]
 listen = "127.0.0.1:$P1"
 admin_listen = "127.0.0.1:$P2"
+endpoints = [ { path = "/ws" }, { path = "/sockjs", sockjs = true } ]
 [broker]
 mode = "relay"
 addresses = ["127.0.0.1:9"]
@@ -231,7 +232,7 @@ for _ in $(seq 100); do
 done
 kill "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true; GW_PID=
 [[ -s $TMP/metrics.txt ]] || { echo "FAIL: the gateway did not serve /metrics" >&2; exit 1; }
-$V metric-names "$TMP/metrics.txt" deploy/grafana/stomp-gateway.json "$CHART/files/alerts.yml" \
+$V metric-names "$TMP/metrics.txt" gateway/src deploy/grafana/stomp-gateway.json "$CHART/files/alerts.yml" \
   "$CHART/values.yaml" "$ALLON" k8s/overlays/production/kustomization.yaml docs/operations.md
 
 echo

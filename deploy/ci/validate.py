@@ -9,7 +9,7 @@ prints what it checked and exits non-zero on the first class of failure.
   validate.py compose COMPOSE SCHEMA       the compose file vs the compose-spec schema, plus references
   validate.py prometheus PROM_YML RULES OUT  prometheus.yml structure; OUT: a copy runnable by promtool
   validate.py dashboard JSON BUILDER OUT   dashboard is up to date; its queries -> OUT (a rules file for promtool)
-  validate.py metric-names EXPOSITION FILE...  every stomp_gateway_* name in FILE is exposed
+  validate.py metric-names EXPOSITION SRC FILE...  every stomp_gateway_* name in FILE is exposed
   validate.py dockerfile DOCKERFILE TEST_SH  the Dockerfile's build command is the tests' one
 """
 import json
@@ -297,7 +297,10 @@ def cmd_dashboard(path, builder, out):
     print(f"  dashboard: {len(dash['panels'])} panels, {len(rules)} queries (checked as PromQL by promtool next)")
 
 
-def cmd_metric_names(exposition, files):
+def cmd_metric_names(exposition, source_dir, files):
+    """Every stomp_gateway_* name in `files` is in the exposition of a fresh
+    gateway, or (a labelled series that appears with its first event) is
+    registered by the gateway's source under `source_dir`."""
     from prometheus_client.parser import text_string_to_metric_families
     names = set()
     for fam in text_string_to_metric_families(open(exposition).read()):
@@ -306,18 +309,29 @@ def cmd_metric_names(exposition, files):
         names.add(fam.name)
     if not any(n.startswith("stomp_gateway_") for n in names):
         fail("no stomp_gateway_ metric in the exposition")
-    missing = {}
-    used = set()
+    literals = set()
+    for dirpath, _, filenames in os.walk(source_dir):
+        for fn in filenames:
+            if fn.endswith(".rs"):
+                literals |= set(re.findall(r'"([a-z][a-z0-9_]*)"', open(os.path.join(dirpath, fn)).read()))
+    missing, used, from_source = {}, set(), set()
     for path in files:
         text = open(path).read()
         for n in set(re.findall(r"\bstomp_gateway_[a-z0-9_]+\b", text)):
             used.add(n)
-            if n not in names:
-                missing.setdefault(n, []).append(os.path.relpath(path))
+            if n in names:
+                continue
+            base = re.sub(r"_(bucket|count|sum)$", "", n)[len("stomp_gateway_"):]
+            if base in literals:
+                from_source.add(n)
+                continue
+            missing.setdefault(n, []).append(os.path.relpath(path))
     if missing:
         fail("names the gateway does not expose: " + "; ".join(f"{n} ({', '.join(w)})" for n, w in sorted(missing.items())))
-    print(f"  {len(used)} metric names used by {len(files)} files, all exposed by the gateway "
-          f"(exposition parsed by prometheus_client: {len(names)} sample names)")
+    print(f"  {len(used)} metric names used by {len(files)} files: {len(used) - len(from_source)} in a fresh "
+          f"gateway's exposition (parsed by prometheus_client: {len(names)} sample names)"
+          + (f", {len(from_source)} registered in the source and exported from their first event: "
+             + ", ".join(sorted(from_source)) if from_source else ""))
 
 
 def cmd_dockerfile(path, test_sh):
@@ -373,6 +387,6 @@ if __name__ == "__main__":
         "compose": lambda: cmd_compose(args[0], args[1]),
         "prometheus": lambda: cmd_prometheus(args[0], args[1], args[2]),
         "dashboard": lambda: cmd_dashboard(args[0], args[1], args[2]),
-        "metric-names": lambda: cmd_metric_names(args[0], args[1:]),
+        "metric-names": lambda: cmd_metric_names(args[0], args[1], args[2:]),
         "dockerfile": lambda: cmd_dockerfile(args[0], args[1]),
     }[cmd]()
