@@ -990,10 +990,15 @@ mod tests {
         let health = Arc::new(Health::new());
         let (stop, stopped) = watch::channel(false);
         let (_control_stop, control_stopped) = watch::channel(false);
-        let control = crate::amqp::ControlPlane::start(&settings, health.clone(), control_stopped)
-            .await
-            .unwrap();
         let metrics = Arc::new(Metrics::new("test").unwrap());
+        let control = crate::amqp::ControlPlane::start(
+            &settings,
+            health.clone(),
+            metrics.clone(),
+            control_stopped,
+        )
+        .await
+        .unwrap();
         let mut shared = Shared::new(&settings, health, control, metrics, stopped);
         shared.broker_side = broker_side;
         let shared = Arc::new(shared);
@@ -1009,6 +1014,7 @@ mod tests {
             "127.0.0.1:9".parse().unwrap(),
             Some(Version::V1_2),
             permit,
+            "websocket",
         ));
         Harness {
             client,
