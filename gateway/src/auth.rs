@@ -290,7 +290,7 @@ impl Counted {
 }
 
 impl Authenticate for Counted {
-    fn authenticate(&self, connect: &Frame) -> Result<Option<String>, String> {
+    fn authenticate(&self, connect: &Frame) -> Result<Option<Principal>, String> {
         let result = self.inner.authenticate(connect);
         if let Err(message) = &result {
             self.metrics.auth_failed(failure_kind(message));

@@ -384,11 +384,6 @@ impl Driver {
                 self.session.handle_client_activity(now)
             }
             Some(Ok(Message::Close(_))) | None => self.session.handle_client_closed(now),
-            Some(Err(e @ tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
-                self.shared.metrics.limit_hit("server.max_ws_message_size");
-                debug!(session = %self.session.id(), error = %e, "client WebSocket message too large");
-                self.session.handle_client_closed(now);
-            }
             Some(Err(e)) => {
                 debug!(session = %self.session.id(), error = %e, "client WebSocket error");
                 match websocket_violation(&e, self.shared.config.server.max_ws_message_size) {

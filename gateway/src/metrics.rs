@@ -255,8 +255,8 @@ pub const SUBSCRIPTION_PATHS: [&str; 3] = ["relay", "shared", "embedded"];
 /// `topology_declarations_total`.
 pub const TOPOLOGY_KINDS: [&str; 3] = ["exchange", "queue", "binding"];
 
-/// Limits the gateway's I/O layer counts in `limit_hits_total` (the
-/// session core reports its own, by setting name too).
+/// Limits exported at 0 from the start in `limit_hits_total` (others, by
+/// setting name too, appear when first hit).
 const GATEWAY_LIMITS: [&str; 3] = [
     "server.max_connections",
     "server.max_ws_message_size",
@@ -273,11 +273,13 @@ const CONNECT_BUCKETS: [f64; 13] = [
 ];
 
 /// Every `reason` label of `sessions_closed_total`.
-const CLOSE_REASONS: [&str; 9] = [
+const CLOSE_REASONS: [&str; 11] = [
     "client_disconnect",
     "client_gone",
     "client_error",
     "access_denied",
+    "client_limit",
+    "client_websocket_error",
     "connect_timeout",
     "client_heartbeat_timeout",
     "broker_error",

@@ -243,8 +243,8 @@ async fn refusals_count_auth_failures_limits_and_client_errors() -> Result<()> {
         serde_json::json!({"sub": "alice", "exp": jwt::now() - 3600}),
     );
     gw.connect_refused(&[("passcode", &expired)]).await?;
-    // A WebSocket message over server.max_ws_message_size: the connection
-    // is dropped.
+    // A WebSocket message over server.max_ws_message_size: an ERROR and the
+    // close (1009).
     let (mut c, _) = gw
         .client_with(&[("passcode", &jwt::token(&secret, "alice"))])
         .await?;
@@ -267,8 +267,14 @@ async fn refusals_count_auth_failures_limits_and_client_errors() -> Result<()> {
     );
 
     let m = eventually(&gw, "refusals counted", |m| {
-        ensure!(m.closed("client_error")? == 2.0);
-        ensure!(m.closed("client_gone")? == 1.0);
+        let (errors, ws) = (
+            m.closed("client_error")?,
+            m.closed("client_websocket_error")?,
+        );
+        ensure!(
+            errors == 2.0 && ws == 1.0,
+            "client_error {errors}, client_websocket_error {ws}"
+        );
         Ok(())
     })
     .await?;
@@ -308,8 +314,8 @@ async fn refusals_count_auth_failures_limits_and_client_errors() -> Result<()> {
             &[("limit", "server.max_ws_message_size")]
         )? == 1.0
     );
-    // Two ERRORs written, for the authentication failures.
-    ensure!(m.frames_out("ERROR")? == 2.0);
+    // Three ERRORs written: two authentication failures and the message size.
+    ensure!(m.frames_out("ERROR")? == 3.0);
     ensure!(m.frames_out("CONNECTED")? == 1.0);
     // Refused CONNECTs never completed: only the accepted one was timed.
     ensure!(m.observations("stomp_gateway_stomp_connect_duration_seconds", &[])? == 1.0);
