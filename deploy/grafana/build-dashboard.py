@@ -87,6 +87,8 @@ ROWS = [
     ("Refusals, limits and slow clients", [
         ("Authentication failures / s", "ops", "timeseries",
          [("{{reason}}", f"sum by (reason) (rate(stomp_gateway_auth_failures_total{{{POD}}}[$__rate_interval]))")], 8),
+        ("Authorization denials / s", "ops", "timeseries",
+         [("{{command}}", f"sum by (command) (rate(stomp_gateway_auth_denials_total{{{POD}}}[$__rate_interval]))")], 8),
         ("Limit hits / s", "ops", "timeseries",
          [("{{limit}}", f"sum by (limit) (rate(stomp_gateway_limit_hits_total{{{POD}}}[$__rate_interval]))")], 8),
         ("Rejected upgrades by reason", "reqps", "timeseries",
