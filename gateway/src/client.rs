@@ -144,7 +144,14 @@ pub async fn run<T: ClientTransport>(
     shared.metrics.sessions_opened.inc();
     let started = Instant::now();
     let _open = GaugeGuard::new(shared.metrics.sessions_open(transport));
-    let mut subscriptions = GaugeShare::new(shared.metrics.subscriptions_open("relay"));
+    // The path serving this session's subscriptions: the embedded broker's
+    // hub, or the per-session relay leg (the shared path is not wired yet).
+    let path = if shared.embedded.is_some() {
+        "embedded"
+    } else {
+        "relay"
+    };
+    let mut subscriptions = GaugeShare::new(shared.metrics.subscriptions_open(path));
     info!(pod = %shared.pod, session = %id, %peer, subprotocol = subprotocol.map(|v| v.subprotocol()), "session opened");
 
     let wake = Arc::new(Notify::new());

@@ -470,3 +470,33 @@ async fn sockjs_sessions_are_counted_by_transport() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn embedded_subscriptions_are_counted_on_their_own_path() -> Result<()> {
+    let closed = format!("127.0.0.1:{}", free_port());
+    let gw = Gateway::builder("metrics_embedded")
+        .set_str("broker", "mode", "embedded")
+        .broker_addresses(&[closed])
+        .start()
+        .await;
+    let dest = format!("/topic/{}", unique("metrics-embedded"));
+    let mut sub = gw.client().await?;
+    sub.subscribe(&dest, "s1", &[]).await?;
+    let mut publisher = gw.client().await?;
+    publisher.send_with_receipt(send(&dest, "hello")).await?;
+    sub.recv_messages(1, WAIT).await?;
+
+    let m = Metrics::scrape(&gw).await?;
+    ensure!(m.value("stomp_gateway_subscriptions_open", &[("path", "embedded")])? == 1.0);
+    ensure!(m.value("stomp_gateway_subscriptions_open", &[("path", "relay")])? == 0.0);
+    ensure!(m.frames_out("MESSAGE")? == 1.0);
+
+    sub.send_frame(&Frame::new(Command::Unsubscribe).with_header("id", "s1"))
+        .await?;
+    eventually(&gw, "the embedded subscription's end counted", |m| {
+        ensure!(m.value("stomp_gateway_subscriptions_open", &[("path", "embedded")])? == 0.0);
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
