@@ -53,7 +53,9 @@ use lapin::options::{
 };
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, Event, ExchangeKind,
+};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, error, info, warn};
@@ -240,7 +242,21 @@ async fn serve(args: &Args) -> Ended {
         Err(e) => return classify(e, &format!("cannot connect to {}", masked(&args.amqp_url))),
     };
     info!("connected to {}", masked(&args.amqp_url));
-    let ended = serve_on(args, &conn).await;
+    // A lost connection can leave a pending ack or consumer poll waiting for
+    // ever; the connection's error event ends the session wherever it is.
+    let mut events = conn.events_listener();
+    let lost = async {
+        while let Some(event) = events.next().await {
+            if let Event::Error(e) = event {
+                return anyhow::Error::new(e).context("connection lost");
+            }
+        }
+        anyhow!("connection lost: its event stream ended")
+    };
+    let ended = tokio::select! {
+        ended = serve_on(args, &conn) => ended,
+        e = lost => Ended::Retry(e),
+    };
     if matches!(ended, Ended::Shutdown | Ended::Fatal(_)) {
         let _ = conn.close(200, "chat-backend stopping".into()).await;
     }
