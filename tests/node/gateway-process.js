@@ -58,7 +58,9 @@ async function startGateway(name, sections = {}, extra = '') {
     user: { exchange: `"${own[1]}"` },
     log: { filter: '"info,stomp_gateway=debug"' },
   };
-  const ownsExchanges = !(sections.app && sections.app.exchange);
+  // The exchanges this launcher named itself (a test that sets its own
+  // app or user exchange cleans that one up); deleted by stop().
+  const owned = own.filter((_, i) => !(sections[['app', 'user'][i]] || {}).exchange);
   for (const [s, keys] of Object.entries(sections)) base[s] = { ...(base[s] || {}), ...keys };
   fs.writeFileSync(configPath, toml(base) + extra);
   const log = fs.openSync(logPath, 'w');
@@ -93,14 +95,12 @@ async function startGateway(name, sections = {}, extra = '') {
         child.kill('SIGKILL');
         await exited;
       }
-      if (ownsExchanges) {
-        const auth = 'Basic ' + Buffer.from('guest:guest').toString('base64');
-        for (const x of own) {
-          await fetch(`http://127.0.0.1:15672/api/exchanges/%2f/${encodeURIComponent(x)}`, {
-            method: 'DELETE',
-            headers: { authorization: auth },
-          }).catch(() => {});
-        }
+      const auth = 'Basic ' + Buffer.from('guest:guest').toString('base64');
+      for (const x of owned) {
+        await fetch(`http://127.0.0.1:15672/api/exchanges/%2f/${encodeURIComponent(x)}`, {
+          method: 'DELETE',
+          headers: { authorization: auth },
+        }).catch(() => {});
       }
     },
   };
