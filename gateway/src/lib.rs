@@ -8,6 +8,7 @@
 //! - [`admin`]: `/healthz` and `/readyz` on the admin listener.
 //! - [`config`]: defaults, TOML file, `GATEWAY__...` environment overrides.
 //! - [`sockjs`]: the SockJS server, generic over a session handler.
+//! - [`upgrade`]: the WebSocket upgrade checks both kinds of endpoint share.
 //! - [`endpoints`]: SockJS endpoints running STOMP, the demo page ([`demo`]).
 #![forbid(unsafe_code)]
 
@@ -34,3 +35,4 @@ pub mod state;
 pub mod system;
 pub mod telemetry;
 pub mod tls;
+pub mod upgrade;

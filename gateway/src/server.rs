@@ -13,6 +13,7 @@ use crate::health::Health;
 use crate::metrics::{Metrics, Rejection};
 use crate::settings::Settings;
 use crate::state::Shared;
+use crate::upgrade::{self, UpgradeRefusal};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -29,7 +30,6 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
@@ -393,14 +393,6 @@ fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     r
 }
 
-fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
-    req.headers().get_all(name).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
-}
-
 /// Picks the highest STOMP version the client offers as a subprotocol.
 pub fn choose_subprotocol<'a>(offered: impl Iterator<Item = &'a str>) -> Option<Version> {
     offered.filter_map(Version::from_subprotocol).max()
@@ -440,36 +432,30 @@ fn handle(
         };
     }
     if req.method() != Method::GET
-        || !header_has_token(&req, header::CONNECTION, "upgrade")
-        || !header_has_token(&req, header::UPGRADE, "websocket")
+        || !upgrade::has_token(req.headers(), header::CONNECTION, "upgrade")
+        || !upgrade::has_token(req.headers(), header::UPGRADE, "websocket")
     {
         return text(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint speaks STOMP over WebSocket: send a WebSocket upgrade request\n",
         );
     }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        let mut r = text(
-            StatusCode::BAD_REQUEST,
-            "unsupported WebSocket version (13 required)\n",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return r;
-    }
-    let Some(key) = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-    else {
-        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    let key = match upgrade::accept_key(req.headers()) {
+        Ok(key) => key,
+        Err(UpgradeRefusal::UnsupportedVersion) => {
+            let mut r = text(
+                StatusCode::BAD_REQUEST,
+                "unsupported WebSocket version (13 required)\n",
+            );
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return r;
+        }
+        Err(UpgradeRefusal::MissingKey) => {
+            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n")
+        }
     };
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");

@@ -16,6 +16,7 @@
 use super::frame::{self, PayloadError};
 use super::session::{Outgoing, Session, Table, ANOTHER_CONNECTION, INTERRUPTED};
 use super::{Counters, Event, Handler, OpenInfo, Refused, Settings, Transport};
+use crate::upgrade::{self, UpgradeRefusal};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::combinators::BoxBody;
@@ -31,7 +32,6 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -517,40 +517,34 @@ impl Service {
                 .insert(header::ALLOW, HeaderValue::from_static("GET"));
             return r;
         }
-        if !has_token(req.headers(), header::UPGRADE, "websocket") {
+        if !upgrade::has_token(req.headers(), header::UPGRADE, "websocket") {
             return text(
                 StatusCode::BAD_REQUEST,
                 "Can \"Upgrade\" only to \"WebSocket\".",
             );
         }
-        if !has_token(req.headers(), header::CONNECTION, "upgrade") {
+        if !upgrade::has_token(req.headers(), header::CONNECTION, "upgrade") {
             return text(
                 StatusCode::BAD_REQUEST,
                 "\"Connection\" must be \"Upgrade\".",
             );
         }
-        if req
-            .headers()
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .map(|v| v.as_bytes())
-            != Some(b"13")
-        {
-            let mut r = text(
-                StatusCode::BAD_REQUEST,
-                "Unsupported WebSocket version (13 required).",
-            );
-            r.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            return r;
-        }
-        let Some(accept) = req
-            .headers()
-            .get(header::SEC_WEBSOCKET_KEY)
-            .map(|k| derive_accept_key(k.as_bytes()))
-        else {
-            return text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key.");
+        let accept = match upgrade::accept_key(req.headers()) {
+            Ok(accept) => accept,
+            Err(UpgradeRefusal::UnsupportedVersion) => {
+                let mut r = text(
+                    StatusCode::BAD_REQUEST,
+                    "Unsupported WebSocket version (13 required).",
+                );
+                r.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+                return r;
+            }
+            Err(UpgradeRefusal::MissingKey) => {
+                return text(StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key.")
+            }
         };
         if let Some(r) = self.origin_refused(&req) {
             return r;
@@ -811,14 +805,6 @@ fn cors(h: &mut HeaderMap, req: &HeaderMap) {
             h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
         }
     }
-}
-
-fn has_token(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    h.get_all(name).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
 }
 
 /// `/iframe.html` and `/iframe-<version>.html`.
