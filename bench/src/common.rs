@@ -63,6 +63,10 @@ pub struct Common {
     /// and after the run (`rabbitmqctl eval` on the local node).
     #[arg(long)]
     pub rabbitmq_counts: bool,
+    /// The RabbitMQ node `--rabbitmq-counts` asks (rabbitmqctl -n), e.g.
+    /// sgw-bench@localhost [default: rabbitmqctl's default node].
+    #[arg(long, value_name = "NODE")]
+    pub rabbitmq_node: Option<String>,
     /// Largest STOMP frame the client accepts (bytes).
     #[arg(long, default_value_t = 65536)]
     pub max_frame_size: usize,

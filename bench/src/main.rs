@@ -13,6 +13,7 @@ mod procstat;
 mod progress;
 mod rabbit;
 mod report;
+mod search;
 mod stats;
 mod storm;
 mod throughput;
@@ -39,6 +40,8 @@ enum Cmd {
     Throughput(throughput::ThroughputArgs),
     /// One room, many subscribers, one publisher at a fixed rate.
     Fanout(throughput::FanoutArgs),
+    /// Paced search: the highest rate 1:1 topic pairs sustain with no backlog growth.
+    PacedSearch(search::SearchArgs),
     /// Open N sessions with concurrency C, then DISCONNECT them all.
     ConnectStorm(storm::StormArgs),
     /// Hold N idle sessions with heart-beats; memory per session, idle CPU.
@@ -92,6 +95,7 @@ async fn scenario(cmd: Cmd) -> Result<ExitCode> {
     let (name, common, hb, buf): (&str, &Common, (u64, u64), usize) = match &cmd {
         Cmd::Throughput(a) => ("throughput", &a.common, (0, 0), LARGE),
         Cmd::Fanout(a) => ("fanout", &a.common, (0, 0), LARGE),
+        Cmd::PacedSearch(a) => ("paced-search", &a.common, (0, 0), LARGE),
         Cmd::ConnectStorm(a) => ("connect-storm", &a.common, (0, 0), SMALL),
         Cmd::Idle(a) => ("idle", &a.common, (10_000, 10_000), SMALL),
         Cmd::Report(_) | Cmd::FreePort => unreachable!("handled before the runtime starts"),
@@ -99,13 +103,20 @@ async fn scenario(cmd: Cmd) -> Result<ExitCode> {
     let ctx = Arc::new(Ctx::new(common, hb, buf).await?);
     progress::note(name, &format!("target {}", ctx.opts.url));
     let sampler = if common.rabbitmq_counts {
-        Some(rabbit::Sampler::start(std::time::Duration::from_secs(3)).await)
+        Some(
+            rabbit::Sampler::start(
+                std::time::Duration::from_secs(3),
+                common.rabbitmq_node.clone(),
+            )
+            .await,
+        )
     } else {
         None
     };
     let mut outcome: Outcome = match &cmd {
         Cmd::Throughput(a) => a.run(&ctx).await?,
         Cmd::Fanout(a) => a.run(&ctx).await?,
+        Cmd::PacedSearch(a) => a.run(&ctx).await?,
         Cmd::ConnectStorm(a) => a.run(&ctx).await?,
         Cmd::Idle(a) => a.run(&ctx).await?,
         Cmd::Report(_) | Cmd::FreePort => unreachable!("handled before the runtime starts"),

@@ -1,7 +1,8 @@
 //! `stomp-load report`: reads the run files written by bench/compare.sh
 //! (stomp-load JSON output tagged `case`, `target` and `round`), takes the
 //! median over rounds of every figure, and writes the markdown report with
-//! the gateway / direct / ratio table, the targets with met/missed, and an
+//! the targets side by side (shared, per-session, embedded, direct: those
+//! that ran) and their ratios to direct, the targets with met/missed, and an
 //! SVG plot of the latency percentiles.
 
 use anyhow::{anyhow, Context, Result};
@@ -27,9 +28,10 @@ pub struct ReportArgs {
     /// RabbitMQ version, for the machine section.
     #[arg(long)]
     pub rabbitmq_version: Option<String>,
-    /// Gateway configuration file used for the runs, quoted in the report.
+    /// Gateway configuration file used for the runs, quoted in the report
+    /// (repeatable: one per gateway target).
     #[arg(long, value_name = "FILE")]
-    pub gateway_config: Option<PathBuf>,
+    pub gateway_config: Vec<PathBuf>,
     /// The command that produced the runs (e.g. "bench/compare.sh --rounds 3").
     #[arg(long)]
     pub invocation: Option<String>,
@@ -46,8 +48,17 @@ struct Runs {
     failed_checks: Vec<String>,
 }
 
-const GW: &str = "gateway";
+/// The gateway with the shared fan-out path (relay mode).
+const SHARED: &str = "shared";
+/// The gateway with one STOMP connection to RabbitMQ per session (relay
+/// mode); runs tagged `gateway` (older reports) count as this.
+const PER_SESSION: &str = "per-session";
+/// The gateway with its embedded broker (no RabbitMQ).
+const EMBEDDED: &str = "embedded";
+/// RabbitMQ's Web-STOMP endpoint.
 const DIRECT: &str = "direct";
+/// Column order of the report.
+const TARGETS: [&str; 4] = [SHARED, PER_SESSION, EMBEDDED, DIRECT];
 
 impl Runs {
     fn load(dir: &Path) -> Result<Runs> {
@@ -69,13 +80,16 @@ impl Runs {
                 }
             };
             let tag = |k: &str| v["tags"][k].as_str().map(str::to_owned);
-            let (Some(case), Some(target)) = (tag("case"), tag("target")) else {
+            let (Some(case), Some(mut target)) = (tag("case"), tag("target")) else {
                 eprintln!(
                     "stomp-load report: skipping {}: no case/target tags",
                     p.display()
                 );
                 continue;
             };
+            if target == "gateway" {
+                target = PER_SESSION.to_owned();
+            }
             if v["check"]["ok"] == Value::Bool(false) {
                 let failures: Vec<&str> = v["check"]["failures"]
                     .as_array()
@@ -103,6 +117,19 @@ impl Runs {
     /// Median over rounds of `f`.
     fn median(&self, case: &str, target: &str, f: &dyn Fn(&Value) -> Option<f64>) -> Option<f64> {
         median(self.get(case, target).iter().filter_map(f).collect())
+    }
+
+    /// The targets that ran at all, in column order.
+    fn targets(&self) -> Vec<&'static str> {
+        TARGETS
+            .into_iter()
+            .filter(|t| self.by.keys().any(|(_, target)| target == t))
+            .collect()
+    }
+
+    /// Whether `case` ran against any target.
+    fn has(&self, case: &str) -> bool {
+        self.by.keys().any(|(c, _)| c == case)
     }
 
     /// Every round's value of `f`, in file order.
@@ -269,6 +296,89 @@ fn rows() -> Vec<Row> {
         row("Fan-out: p99 ms", "fanout", res("latency_ms/p99")),
         row("Fan-out: messages lost", "fanout", res("loss")),
         row(
+            "Paced 1:1 search: highest sustained msg/s",
+            "paced",
+            res("sustained_per_s"),
+        ),
+        row(
+            "Paced 1:1 search: lowest rate not sustained, msg/s",
+            "paced",
+            res("lowest_failed_per_s"),
+        ),
+        row(
+            "Paced 1:1 search: p50 ms at the sustained rate",
+            "paced",
+            res("at_sustained/latency_ms/p50"),
+        ),
+        row(
+            "Paced 1:1 search: p99 ms at the sustained rate",
+            "paced",
+            res("at_sustained/latency_ms/p99"),
+        ),
+        gw_row(
+            "Paced 1:1 search: gateway CPU µs per message at the sustained rate",
+            "paced",
+            step_proc("gateway", "cpu_us_per_msg_delivered"),
+        ),
+        row(
+            "Paced 1:1 search: RabbitMQ CPU µs per message at the sustained rate",
+            "paced",
+            step_proc("rabbitmq", "cpu_us_per_msg_delivered"),
+        ),
+        row(
+            "Fan-out 10k: delivered msg/s",
+            "fanout-wide",
+            res("delivered_per_s"),
+        ),
+        row(
+            "Fan-out 10k: subscribers subscribed",
+            "fanout-wide",
+            res("subscribers/subscribed"),
+        ),
+        row("Fan-out 10k: p50 ms", "fanout-wide", res("latency_ms/p50")),
+        row("Fan-out 10k: p99 ms", "fanout-wide", res("latency_ms/p99")),
+        row(
+            "Fan-out 10k: publish to last subscriber p50 ms",
+            "fanout-wide",
+            res("last_subscriber_latency_ms/p50"),
+        ),
+        row(
+            "Fan-out 10k: publish to last subscriber p99 ms",
+            "fanout-wide",
+            res("last_subscriber_latency_ms/p99"),
+        ),
+        row("Fan-out 10k: messages lost", "fanout-wide", res("loss")),
+        row(
+            "Fan-out 10k: RabbitMQ connections (max during run)",
+            "fanout-wide",
+            res("rabbitmq/connections/max"),
+        ),
+        row(
+            "Fan-out 10k: RabbitMQ queues (max during run)",
+            "fanout-wide",
+            res("rabbitmq/queues/max"),
+        ),
+        gw_row(
+            "Fan-out 10k: gateway RSS MiB at window end",
+            "fanout-wide",
+            mib(proc("gateway", "rss_kib_window_end")),
+        ),
+        row(
+            "Fan-out 10k: RabbitMQ RSS MiB at window end",
+            "fanout-wide",
+            mib(proc("rabbitmq", "rss_kib_window_end")),
+        ),
+        gw_row(
+            "Fan-out 10k: gateway CPU % in window",
+            "fanout-wide",
+            proc("gateway", "cpu_pct_window"),
+        ),
+        row(
+            "Fan-out 10k: RabbitMQ CPU % in window",
+            "fanout-wide",
+            proc("rabbitmq", "cpu_pct_window"),
+        ),
+        row(
             "Connect storm: sessions/s",
             "connect-storm",
             res("sessions_per_s"),
@@ -309,7 +419,51 @@ fn rows() -> Vec<Row> {
             "idle",
             proc("rabbitmq", "cpu_pct_hold"),
         ),
+        row(
+            "Idle subscribed: sessions up at end of hold",
+            "idle-subscribed",
+            res("up_at_end"),
+        ),
+        gw_row(
+            "Idle subscribed: gateway RSS KiB per session",
+            "idle-subscribed",
+            proc("gateway", "rss_kib_per_session"),
+        ),
+        row(
+            "Idle subscribed: RabbitMQ RSS KiB per session",
+            "idle-subscribed",
+            proc("rabbitmq", "rss_kib_per_session"),
+        ),
+        row(
+            "Idle subscribed: RabbitMQ connections (max)",
+            "idle-subscribed",
+            res("rabbitmq/connections/max"),
+        ),
+        row(
+            "Idle subscribed: RabbitMQ queues (max)",
+            "idle-subscribed",
+            res("rabbitmq/queues/max"),
+        ),
     ]
+}
+
+/// `derived.<field>` of process `name` in the paced search's step at the
+/// sustained rate.
+fn step_proc(name: &'static str, field: &'static str) -> impl Fn(&Value) -> Option<f64> {
+    move |v| {
+        v["results"]["at_sustained"]["processes"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)?
+            .get("derived")?
+            .get(field)?
+            .as_f64()
+    }
+}
+
+/// KiB to MiB.
+fn mib(f: impl Fn(&Value) -> Option<f64>) -> impl Fn(&Value) -> Option<f64> {
+    move |v| f(v).map(|k| (k / 1024.0 * 10.0).round() / 10.0)
 }
 
 /// A target: a description, the measured values in words, and a verdict.
@@ -319,13 +473,14 @@ struct Target {
     met: Option<bool>,
 }
 
-/// Parameters of a case's first run, gateway or direct.
+/// The first run of a case, whichever target ran it.
+fn first<'a>(r: &'a Runs, case: &str) -> Option<&'a Value> {
+    TARGETS.iter().find_map(|t| r.get(case, t).first())
+}
+
+/// Parameters of a case's first run, whichever target ran it.
 fn params<'a>(r: &'a Runs, case: &str) -> &'a Value {
-    r.get(case, GW)
-        .first()
-        .or_else(|| r.get(case, DIRECT).first())
-        .map(|v| &v["params"])
-        .unwrap_or(&Value::Null)
+    first(r, case).map(|v| &v["params"]).unwrap_or(&Value::Null)
 }
 
 /// "open loop" or "fixed N msg/s" from a throughput case's parameters.
@@ -337,91 +492,212 @@ fn pacing(p: &Value) -> String {
     }
 }
 
+/// (case, RabbitMQ connections, queues, browser sessions) of a shared run.
+type PodCost = (&'static str, Option<f64>, Option<f64>, Option<f64>);
+
+/// The targets whose cases ran: the relay targets (per-session vs direct)
+/// and the shared fan-out targets of issue 9 (shared vs direct).
 fn targets(r: &Runs) -> Vec<Target> {
     let mut out = Vec::new();
     let m = |case: &str, target: &str, f: &dyn Fn(&Value) -> Option<f64>| r.median(case, target, f);
+    let ran = |case: &str, target: &str| !r.get(case, target).is_empty();
 
-    let (g, d) = (
-        m("throughput", GW, &res("delivered_per_s")),
-        m("throughput", DIRECT, &res("delivered_per_s")),
-    );
-    out.push(Target {
-        name: format!(
-            "Relay throughput 1→1, 100 B, open loop (this run: {}): gateway delivered msg/s ≥ 0.9 × direct",
-            pacing(params(r, "throughput"))
-        ),
-        measured: format!("{} vs {} msg/s (ratio {})", fmt(g), fmt(d), ratio(g, d)),
-        met: g.zip(d).map(|(g, d)| g >= 0.9 * d),
-    });
+    if r.has("throughput") {
+        let (g, d) = (
+            m("throughput", PER_SESSION, &res("delivered_per_s")),
+            m("throughput", DIRECT, &res("delivered_per_s")),
+        );
+        out.push(Target {
+            name: format!(
+                "Relay throughput 1→1, 100 B, open loop (this run: {}): per-session delivered msg/s ≥ 0.9 × direct \
+                 (a queueing figure that flips between runs; the paced search settles it)",
+                pacing(params(r, "throughput"))
+            ),
+            measured: format!("{} vs {} msg/s (ratio {})", fmt(g), fmt(d), ratio(g, d)),
+            met: g.zip(d).map(|(g, d)| g >= 0.9 * d),
+        });
+    }
 
-    let (g, d) = (
-        m("latency", GW, &res("latency_ms/p99")),
-        m("latency", DIRECT, &res("latency_ms/p99")),
-    );
-    out.push(Target {
-        name: format!(
-            "Latency at fixed 2,000 msg/s (this run: {}): gateway p99 ≤ direct p99 + 1 ms",
-            pacing(params(r, "latency"))
-        ),
-        measured: format!("p99 {} ms vs {} ms", fmt(g), fmt(d)),
-        met: g.zip(d).map(|(g, d)| g <= d + 1.0),
-    });
+    for t in [PER_SESSION, SHARED] {
+        if !ran("paced", t) {
+            continue;
+        }
+        let (g, d) = (
+            m("paced", t, &res("sustained_per_s")),
+            m("paced", DIRECT, &res("sustained_per_s")),
+        );
+        out.push(Target {
+            name: format!(
+                "Relay 1:1, paced search ({} topic pairs): {t} highest sustained msg/s ≥ 0.9 × direct",
+                params(r, "paced")["pairs"]
+            ),
+            measured: format!("{} vs {} msg/s (ratio {})", fmt(g), fmt(d), ratio(g, d)),
+            met: g.zip(d).map(|(g, d)| g >= 0.9 * d),
+        });
+    }
 
-    let (g, d) = (
-        m("connect-storm", GW, &res("sessions_per_s")),
-        m("connect-storm", DIRECT, &res("sessions_per_s")),
-    );
-    let p = params(r, "connect-storm");
-    out.push(Target {
-        name: format!(
-            "Connect storm 2,000 sessions at concurrency 50 (this run: {} at {}): \
-             gateway sessions/s ≥ 0.9 × direct",
-            p["sessions"], p["concurrency"]
-        ),
-        measured: format!(
-            "{} vs {} sessions/s (ratio {})",
-            fmt(g),
-            fmt(d),
-            ratio(g, d)
-        ),
-        met: g.zip(d).map(|(g, d)| g >= 0.9 * d),
-    });
+    if r.has("latency") {
+        let (g, d) = (
+            m("latency", PER_SESSION, &res("latency_ms/p99")),
+            m("latency", DIRECT, &res("latency_ms/p99")),
+        );
+        out.push(Target {
+            name: format!(
+                "Latency at fixed 2,000 msg/s (this run: {}): per-session p99 ≤ direct p99 + 1 ms",
+                pacing(params(r, "latency"))
+            ),
+            measured: format!("p99 {} ms vs {} ms", fmt(g), fmt(d)),
+            met: g.zip(d).map(|(g, d)| g <= d + 1.0),
+        });
+    }
 
-    let g = m("idle", GW, &proc("gateway", "rss_kib_per_session"));
-    let up = m("idle", GW, &res("up_at_end"));
-    let n = params(r, "idle")["sessions"].as_u64();
-    out.push(Target {
-        name: format!(
-            "Idle density 5,000 sessions (this run: {}): gateway RSS ≤ 16 KiB per relayed session",
-            n.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
-        ),
-        measured: format!("{} KiB per session ({} sessions up)", fmt(g), fmt(up)),
-        met: g.map(|g| g <= 16.0 && up.is_some_and(|u| n.is_some_and(|n| u >= n as f64))),
-    });
+    // Issue 9: what a pod costs RabbitMQ on the shared path.
+    let cost: Vec<PodCost> = ["fanout-wide", "idle-subscribed"]
+        .into_iter()
+        .filter(|c| ran(c, SHARED))
+        .map(|c| {
+            (
+                c,
+                m(c, SHARED, &res("rabbitmq/connections/max")),
+                m(c, SHARED, &res("rabbitmq/queues/max")),
+                m(c, SHARED, &|v: &Value| {
+                    v.pointer("/results/subscribers/subscribed")
+                        .or_else(|| v.pointer("/results/up_after_open"))
+                        .and_then(Value::as_f64)
+                }),
+            )
+        })
+        .filter(|(_, conns, queues, _)| conns.is_some() || queues.is_some())
+        .collect();
+    if !cost.is_empty() {
+        let measured = cost
+            .iter()
+            .map(|(c, conns, queues, n)| {
+                format!(
+                    "{c}: {} connections, {} queues with {} browser sessions",
+                    fmt(*conns),
+                    fmt(*queues),
+                    fmt(*n)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let met = cost
+            .iter()
+            .map(|(_, c, q, _)| c.zip(*q).map(|(c, q)| c <= 4.0 && q <= 1.0))
+            .collect::<Option<Vec<bool>>>()
+            .map(|v| v.into_iter().all(|x| x));
+        out.push(Target {
+            name: "Shared: RabbitMQ connections ≤ 4 and queues ≤ 1 per pod, whatever the number of browsers \
+                   (max during the run, one pod, nothing else on the node)"
+                .into(),
+            measured,
+            met,
+        });
+    }
 
-    let (g, q) = (
-        m(
-            "throughput",
-            GW,
-            &proc("gateway", "cpu_us_per_msg_delivered"),
-        ),
-        m(
-            "throughput",
-            GW,
-            &proc("rabbitmq", "cpu_us_per_msg_delivered"),
-        ),
-    );
-    out.push(Target {
-        name: "Throughput run: gateway CPU per message ≤ 1/3 of RabbitMQ's (same gateway run)"
-            .into(),
-        measured: format!(
-            "{} µs vs {} µs per message (ratio {})",
-            fmt(g),
-            fmt(q),
-            ratio(g, q)
-        ),
-        met: g.zip(q).map(|(g, q)| g <= q / 3.0),
-    });
+    if ran("fanout-wide", SHARED) {
+        let (g, d) = (
+            m("fanout-wide", SHARED, &res("delivered_per_s")),
+            m("fanout-wide", DIRECT, &res("delivered_per_s")),
+        );
+        let p = params(r, "fanout-wide");
+        out.push(Target {
+            name: format!(
+                "Fan-out to 10,000 subscribers on one topic (this run: {} at {}): shared delivered msg/s ≥ 10 × direct",
+                p["subscribers"],
+                pacing(p)
+            ),
+            measured: format!("{} vs {} msg/s (ratio {})", fmt(g), fmt(d), ratio(g, d)),
+            met: g.zip(d).map(|(g, d)| g >= 10.0 * d),
+        });
+    }
+
+    if ran("idle-subscribed", SHARED) {
+        let g = m(
+            "idle-subscribed",
+            SHARED,
+            &proc("gateway", "rss_kib_per_session"),
+        );
+        let up = m("idle-subscribed", SHARED, &res("up_at_end"));
+        out.push(Target {
+            name: format!(
+                "Idle density, subscribed (this run: {} sessions): shared gateway RSS ≤ 8 KiB per idle subscribed session",
+                params(r, "idle-subscribed")["sessions"]
+            ),
+            measured: format!("{} KiB per session ({} sessions up)", fmt(g), fmt(up)),
+            met: g.map(|g| g <= 8.0),
+        });
+    }
+
+    if r.has("connect-storm") {
+        let p = params(r, "connect-storm");
+        let d = m("connect-storm", DIRECT, &res("sessions_per_s"));
+        if ran("connect-storm", SHARED) {
+            let g = m("connect-storm", SHARED, &res("sessions_per_s"));
+            out.push(Target {
+                name: format!(
+                    "Connect storm (this run: {} sessions at concurrency {}): shared sessions/s ≥ 2 × direct \
+                     (a session needs no broker handshake)",
+                    p["sessions"], p["concurrency"]
+                ),
+                measured: format!("{} vs {} sessions/s (ratio {})", fmt(g), fmt(d), ratio(g, d)),
+                met: g.zip(d).map(|(g, d)| g >= 2.0 * d),
+            });
+        }
+        if ran("connect-storm", PER_SESSION) {
+            let g = m("connect-storm", PER_SESSION, &res("sessions_per_s"));
+            out.push(Target {
+                name: format!(
+                    "Connect storm (this run: {} sessions at concurrency {}): per-session sessions/s ≥ 0.9 × direct",
+                    p["sessions"], p["concurrency"]
+                ),
+                measured: format!("{} vs {} sessions/s (ratio {})", fmt(g), fmt(d), ratio(g, d)),
+                met: g.zip(d).map(|(g, d)| g >= 0.9 * d),
+            });
+        }
+    }
+
+    if ran("idle", PER_SESSION) {
+        let g = m("idle", PER_SESSION, &proc("gateway", "rss_kib_per_session"));
+        let up = m("idle", PER_SESSION, &res("up_at_end"));
+        let n = params(r, "idle")["sessions"].as_u64();
+        out.push(Target {
+            name: format!(
+                "Idle density 5,000 sessions (this run: {}): per-session gateway RSS ≤ 16 KiB per relayed session",
+                n.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+            ),
+            measured: format!("{} KiB per session ({} sessions up)", fmt(g), fmt(up)),
+            met: g.map(|g| g <= 16.0 && up.is_some_and(|u| n.is_some_and(|n| u >= n as f64))),
+        });
+    }
+
+    if ran("throughput", PER_SESSION) {
+        let (g, q) = (
+            m(
+                "throughput",
+                PER_SESSION,
+                &proc("gateway", "cpu_us_per_msg_delivered"),
+            ),
+            m(
+                "throughput",
+                PER_SESSION,
+                &proc("rabbitmq", "cpu_us_per_msg_delivered"),
+            ),
+        );
+        out.push(Target {
+            name:
+                "Throughput run: gateway CPU per message ≤ 1/3 of RabbitMQ's (same per-session run)"
+                    .into(),
+            measured: format!(
+                "{} µs vs {} µs per message (ratio {})",
+                fmt(g),
+                fmt(q),
+                ratio(g, q)
+            ),
+            met: g.zip(q).map(|(g, q)| g <= q / 3.0),
+        });
+    }
     out
 }
 
@@ -522,7 +798,7 @@ fn describe(case: &str, p: &Value) -> String {
             s("warmup_s"),
             s("duration_s")
         ),
-        "fanout" => format!(
+        "fanout" | "fanout-wide" => format!(
             "one topic, {} subscribers, one publisher at {pace}, {}-byte bodies; {} s warm-up, {} s window",
             n("subscribers"),
             n("size"),
@@ -535,17 +811,48 @@ fn describe(case: &str, p: &Value) -> String {
             n("sessions"),
             n("concurrency")
         ),
-        "idle" => format!(
-            "{} sessions with heart-beat {hb} opened ({} at a time) and held idle for {} s",
+        "idle" | "idle-subscribed" => format!(
+            "{} sessions with heart-beat {hb} opened ({} at a time) and held idle for {} s{}",
             n("sessions"),
             n("concurrency"),
-            s("hold_s")
+            s("hold_s"),
+            match p["subscribe"].as_str() {
+                Some(d) => format!(", each subscribed to `{d}`"),
+                None => String::new(),
+            }
+        ),
+        "paced" => format!(
+            "paced search over {} 1:1 topic pairs (publisher i → topic i → subscriber i), {}-byte bodies: \
+             fixed-rate steps of {} s (after {} s warm-up), doubling from {} msg/s until a step is not \
+             sustained, then bisecting to within {} %; a step is sustained when publishers sent and \
+             subscribers received at least {} % of the offered rate, the in-flight count grew by at \
+             most {} % of the rate per second (least-squares slope over the window, sampled every \
+             250 ms), and the mean latency of the window's last quarter stayed under twice the first \
+             quarter's + {} ms",
+            n("pairs"),
+            n("size"),
+            s("duration_s"),
+            s("warmup_s"),
+            s("start_rate"),
+            p["precision"].as_f64().map_or("?".into(), |x| format!("{}", x * 100.0)),
+            p["tolerance"].as_f64().map_or("?".into(), |x| format!("{}", 100.0 - x * 100.0)),
+            p["tolerance"].as_f64().map_or("?".into(), |x| format!("{}", x * 100.0)),
+            s("latency_slack_ms")
         ),
         _ => String::new(),
     }
 }
 
-const CASES: [&str; 5] = ["throughput", "latency", "fanout", "connect-storm", "idle"];
+const CASES: [&str; 8] = [
+    "throughput",
+    "latency",
+    "paced",
+    "fanout",
+    "fanout-wide",
+    "connect-storm",
+    "idle",
+    "idle-subscribed",
+];
 
 fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
     let mut md = String::new();
@@ -558,9 +865,11 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
     writeln!(
         md,
         "Generated by `stomp-load report` on {} from {} runs ({} round(s) per case and target). \
-         Every scenario ran with identical traffic against the gateway (`gateway`) and against \
-         RabbitMQ's own Web-STOMP endpoint (`direct`), alternating gateway / direct; each figure \
-         is the median over rounds. Regenerate with `bench/compare.sh`.\n",
+         Every scenario ran with identical traffic against the gateway with the shared fan-out \
+         path (`shared`), the gateway with one RabbitMQ connection per session (`per-session`; \
+         `gateway` in older reports), the gateway's embedded broker (`embedded`) and RabbitMQ's \
+         own Web-STOMP endpoint (`direct`), those that were run, in turn; each figure is the \
+         median over rounds. Regenerate with `bench/compare.sh`.\n",
         utc(now),
         r.files,
         rounds
@@ -568,11 +877,7 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
 
     writeln!(md, "## Scenarios\n")?;
     for case in CASES {
-        if let Some(v) = r
-            .get(case, GW)
-            .first()
-            .or_else(|| r.get(case, DIRECT).first())
-        {
+        if let Some(v) = first(r, case) {
             writeln!(md, "- **{case}**: {}", describe(case, &v["params"]))?;
         }
     }
@@ -608,26 +913,59 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
     }
 
     writeln!(md, "\n## Results\n")?;
-    writeln!(
-        md,
-        "| Figure | Gateway | Direct | Ratio gateway/direct |\n|---|---:|---:|---:|"
-    )?;
+    let cols = r.targets();
+    let gw_cols: Vec<&str> = cols.iter().copied().filter(|t| *t != DIRECT).collect();
+    let has_direct = cols.contains(&DIRECT);
+    let mut head = String::from("| Figure |");
+    let mut rule = String::from("|---|");
+    for c in &cols {
+        write!(head, " {c} |")?;
+        rule.push_str("---:|");
+    }
+    if has_direct {
+        for c in &gw_cols {
+            write!(head, " {c}/direct |")?;
+            rule.push_str("---:|");
+        }
+    }
+    writeln!(md, "{head}\n{rule}")?;
     for row in rows() {
-        let g = r.median(row.case, GW, &row.f);
-        let d = if row.gateway_only {
-            None
-        } else {
-            r.median(row.case, DIRECT, &row.f)
-        };
-        if g.is_none() && d.is_none() {
+        let vals: Vec<Option<f64>> = cols
+            .iter()
+            .map(|t| {
+                if row.gateway_only && *t == DIRECT {
+                    None
+                } else {
+                    r.median(row.case, t, &row.f)
+                }
+            })
+            .collect();
+        if vals.iter().all(Option::is_none) {
             continue;
         }
-        let (ds, rs) = if row.gateway_only {
-            ("n/a".to_owned(), "n/a".to_owned())
-        } else {
-            (fmt(d), ratio(g, d))
-        };
-        writeln!(md, "| {} | {} | {ds} | {rs} |", row.label, fmt(g))?;
+        let mut line = format!("| {} |", row.label);
+        for (t, v) in cols.iter().zip(&vals) {
+            if row.gateway_only && *t == DIRECT {
+                line.push_str(" n/a |");
+            } else {
+                write!(line, " {} |", fmt(*v))?;
+            }
+        }
+        if has_direct {
+            let d = if row.gateway_only {
+                None
+            } else {
+                r.median(row.case, DIRECT, &row.f)
+            };
+            for c in &gw_cols {
+                if row.gateway_only {
+                    line.push_str(" n/a |");
+                } else {
+                    write!(line, " {} |", ratio(r.median(row.case, c, &row.f), d))?;
+                }
+            }
+        }
+        writeln!(md, "{line}")?;
     }
     if svg_written {
         let link = match (a.svg.parent(), a.markdown.parent()) {
@@ -638,12 +976,12 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
                 .unwrap_or_default(),
             _ => a.svg.display().to_string(),
         };
-        writeln!(md, "\n![Latency percentiles, gateway vs direct]({link})\n")?;
+        writeln!(md, "\n![Latency percentiles by target]({link})\n")?;
     }
 
     writeln!(md, "\n## Every round\n")?;
     writeln!(md, "| Case | Figure | Target | Rounds |\n|---|---|---|---|")?;
-    let per_round: [(&str, &str, Extract); 5] = [
+    let per_round: [(&str, &str, Extract); 8] = [
         (
             "throughput",
             "delivered msg/s",
@@ -665,11 +1003,22 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
             "gateway RSS KiB/session",
             Box::new(proc("gateway", "rss_kib_per_session")),
         ),
+        ("paced", "sustained msg/s", Box::new(res("sustained_per_s"))),
+        (
+            "fanout-wide",
+            "delivered msg/s",
+            Box::new(res("delivered_per_s")),
+        ),
+        (
+            "idle-subscribed",
+            "gateway RSS KiB/session",
+            Box::new(proc("gateway", "rss_kib_per_session")),
+        ),
     ];
     for (case, label, f) in &per_round {
-        for target in [GW, DIRECT] {
+        for target in TARGETS {
             let vals = r.all(case, target, f);
-            if vals.is_empty() || (*case == "idle" && target == DIRECT) {
+            if vals.is_empty() || (case.starts_with("idle") && target == DIRECT) {
                 continue;
             }
             let vals: Vec<String> = vals.into_iter().map(fmt).collect();
@@ -686,19 +1035,22 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
         "Exact `stomp-load` commands of the first round:\n\n```sh"
     )?;
     for case in CASES {
-        for target in [GW, DIRECT] {
+        for target in TARGETS {
             if let Some(cmd) = r.get(case, target).first().and_then(argv) {
                 writeln!(md, "# {case} / {target}\n{cmd}")?;
             }
         }
     }
     writeln!(md, "```")?;
-    if let Some(path) = &a.gateway_config {
+    for path in &a.gateway_config {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         writeln!(
             md,
-            "\nGateway configuration:\n\n```toml\n{}\n```",
+            "\nGateway configuration ({}):\n\n```toml\n{}\n```",
+            path.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             text.trim_end()
         )?;
     }
@@ -707,11 +1059,13 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
     writeln!(
         md,
         "```sh\n\
-         bench/compare.sh                 # full run: release build, RabbitMQ restart with a raised open-file limit,\n\
-         \x20                                # 3 rounds per case and target, rewrites this file and the SVG\n\
-         bench/compare.sh --quick         # 1 round, tiny sizes, no restart; report in a temp dir\n\
+         bench/compare.sh                 # full run: release build, the bench's own RabbitMQ node\n\
+         \x20                                # (scripts/rabbitmq-bench-node.sh), 3 rounds per case and\n\
+         \x20                                # target, rewrites this file and the SVG\n\
+         bench/compare.sh --quick         # 1 round, tiny sizes; report in a temp dir\n\
+         bench/compare.sh --cases paced,fanout-wide,idle-subscribed,connect-storm --rounds 1\n\
          bench/smoke.sh ws://127.0.0.1:15674/ws   # 2 s, 1 → 1 at 200 msg/s; fails on loss\n\
-         stomp-load throughput --help     # also: fanout, connect-storm, idle, report\n\
+         stomp-load throughput --help     # also: paced-search, fanout, connect-storm, idle, report\n\
          ```"
     )?;
     writeln!(md, "\nThe per-run JSON (one object per run: scenario, url, params, results, check) is kept under `target/bench/`.")?;
@@ -736,8 +1090,13 @@ fn markdown(a: &ReportArgs, r: &Runs, svg_written: bool) -> Result<String> {
          RabbitMQ's in the same gateway run."
             .into(),
         "Resident memory per session is (VmRSS after all sessions are open and settled − VmRSS before \
-         opening) / sessions up. In a gateway run each client session also costs RabbitMQ one STOMP \
-         connection, so RabbitMQ's per-session figure is shown for both runs."
+         opening) / sessions up. In a per-session run each client session also costs RabbitMQ one \
+         STOMP connection, so RabbitMQ's per-session figure is shown for every target."
+            .into(),
+        "RabbitMQ connections and queues are counted on the node with `rabbitmqctl eval` (every \
+         protocol: AMQP, STOMP, Web-STOMP) before, every 3 s during and after a run; the figure is \
+         the maximum. Nothing else uses the bench node, so in a shared or per-session run every \
+         connection and queue counted is the gateway's (one pod)."
             .into(),
     ];
     notes.extend(a.notes.iter().cloned());
@@ -777,20 +1136,31 @@ fn latency_points(r: &Runs, target: &str) -> Vec<(i32, f64)> {
         .collect()
 }
 
+/// A target's latency points and colour in the plot.
+type Line = (&'static str, Vec<(i32, f64)>, RGBColor);
+
 fn plot(path: &Path, r: &Runs) -> Result<bool> {
-    let gw = latency_points(r, GW);
-    let direct = latency_points(r, DIRECT);
-    if gw.is_empty() && direct.is_empty() {
+    let series: Vec<Line> = [
+        (SHARED, GREEN),
+        (PER_SESSION, RED),
+        (EMBEDDED, MAGENTA),
+        (DIRECT, BLUE),
+    ]
+    .into_iter()
+    .map(|(t, c)| (t, latency_points(r, t), c))
+    .filter(|(_, p, _)| !p.is_empty())
+    .collect();
+    if series.is_empty() {
         return Ok(false);
     }
-    let rate = r
-        .get("latency", GW)
-        .first()
-        .or_else(|| r.get("latency", DIRECT).first())
+    let rate = first(r, "latency")
         .and_then(|v| v["params"]["rate"].as_f64())
         .map(|x| format!("{x:.0} msg/s"))
         .unwrap_or_else(|| "fixed rate".into());
-    let all: Vec<f64> = gw.iter().chain(&direct).map(|p| p.1).collect();
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, p, _)| p.iter().map(|p| p.1))
+        .collect();
     // Start the log axis at a power of ten: plotters labels from there.
     let min = all.iter().copied().fold(f64::INFINITY, f64::min).max(0.001);
     let lo = 10f64.powf((min / 1.2).log10().floor()) * 0.999;
@@ -838,10 +1208,13 @@ fn plot(path: &Path, r: &Runs) -> Result<bool> {
         })
         .draw()
         .map_err(|e| err(&e))?;
-    for (name, points, color) in [("gateway", &gw, RED), ("direct (Web-STOMP)", &direct, BLUE)] {
-        if points.is_empty() {
-            continue;
-        }
+    for (target, points, color) in &series {
+        let color = *color;
+        let name = if *target == DIRECT {
+            "direct (Web-STOMP)"
+        } else {
+            target
+        };
         let pts: Vec<(SegmentValue<i32>, f64)> = points
             .iter()
             .map(|(i, y)| (SegmentValue::CenterOf(*i), *y))

@@ -108,14 +108,20 @@ pub struct FanoutArgs {
 }
 
 #[derive(Debug, Clone)]
-struct Params {
-    publishers: usize,
-    subscribers: usize,
-    destinations: usize,
-    rate: Option<f64>,
-    batch: usize,
-    run: RunArgs,
-    prefix: String,
+pub(crate) struct Params {
+    pub publishers: usize,
+    pub subscribers: usize,
+    pub destinations: usize,
+    pub rate: Option<f64>,
+    pub batch: usize,
+    pub run: RunArgs,
+    pub prefix: String,
+    /// Publisher i sends only to destination i mod D (1:1 pairs) instead of
+    /// round-robin over all destinations.
+    pub pinned: bool,
+    /// Sample sent / delivered / latency through the measurement window
+    /// (results.trace), for the paced search's backlog test.
+    pub trace: bool,
 }
 
 impl ThroughputArgs {
@@ -132,6 +138,8 @@ impl ThroughputArgs {
             batch: self.batch,
             prefix: prefix(&self.run),
             run: self.run.clone(),
+            pinned: false,
+            trace: false,
         };
         run(ctx, params, |n| format!("{n}")).await
     }
@@ -148,12 +156,14 @@ impl FanoutArgs {
             batch: 1,
             prefix: prefix(&self.run),
             run: self.run.clone(),
+            pinned: false,
+            trace: false,
         };
         run(ctx, params, |_| "room".to_owned()).await
     }
 }
 
-fn prefix(run: &RunArgs) -> String {
+pub(crate) fn prefix(run: &RunArgs) -> String {
     match &run.prefix {
         Some(p) => p.clone(),
         None => {
@@ -183,6 +193,10 @@ struct Shared {
     /// latency over all subscribers (ns) of messages sent in the window, so
     /// the report has publish-to-last-subscriber latency. Empty otherwise.
     last_latency: Vec<AtomicU64>,
+    /// Sum (ns) and count of the latencies of every delivery so far, for
+    /// the window trace's mean latency per interval.
+    latency_sum_ns: AtomicU64,
+    latency_n: AtomicU64,
 }
 
 impl Shared {
@@ -234,7 +248,11 @@ fn body(size: usize, ts: u64, publisher: usize, seq: u64) -> BytesMut {
     b
 }
 
-async fn run(ctx: &Arc<Ctx>, p: Params, dest_name: impl Fn(usize) -> String) -> Result<Outcome> {
+pub(crate) async fn run(
+    ctx: &Arc<Ctx>,
+    p: Params,
+    dest_name: impl Fn(usize) -> String,
+) -> Result<Outcome> {
     let r = &p.run;
     if p.publishers == 0 || p.subscribers == 0 || p.destinations == 0 {
         bail!("publishers, subscribers and destinations must be at least 1");
@@ -274,6 +292,8 @@ async fn run(ctx: &Arc<Ctx>, p: Params, dest_name: impl Fn(usize) -> String) -> 
             }
             _ => Vec::new(),
         },
+        latency_sum_ns: AtomicU64::new(0),
+        latency_n: AtomicU64::new(0),
     });
     let mut monitor = Monitor::new(&ctx.watched);
     monitor.sample("before");
@@ -372,8 +392,17 @@ async fn run(ctx: &Arc<Ctx>, p: Params, dest_name: impl Fn(usize) -> String) -> 
     let _ = start_tx.send(Some(t0));
     tokio::time::sleep_until(ws).await;
     monitor.sample("window_start");
+    let trace = if p.trace {
+        Some(tokio::spawn(trace_window(shared.clone(), we)))
+    } else {
+        None
+    };
     tokio::time::sleep_until(we).await;
     monitor.sample("window_end");
+    let trace = match trace {
+        Some(h) => Some(h.await?),
+        None => None,
+    };
     let _ = stop_pubs.send(true);
     let mut pr = Vec::with_capacity(pubs.len());
     for h in pubs {
@@ -544,12 +573,122 @@ async fn run(ctx: &Arc<Ctx>, p: Params, dest_name: impl Fn(usize) -> String) -> 
         "latency_distribution_ms": stats::distribution_ms(&hist),
         "errors": ctx.errors_json(),
         "processes": processes,
+        "trace": trace.as_ref().map_or(Value::Null, Trace::to_json),
     });
     Ok(Outcome {
         params,
         results,
         failures,
     })
+}
+
+/// How often the window trace samples.
+const TRACE_EVERY: Duration = Duration::from_millis(250);
+
+/// One sample of the window trace.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TracePoint {
+    /// Seconds since the window started.
+    pub t: f64,
+    pub sent: u64,
+    pub delivered: u64,
+    /// Mean latency (ms) of the deliveries since the previous sample.
+    pub latency_ms: Option<f64>,
+}
+
+/// Sent and delivered counts and latency through the measurement window.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Trace {
+    pub points: Vec<TracePoint>,
+}
+
+impl Trace {
+    /// Least-squares slope of the in-flight count (sent − delivered) over
+    /// time, in messages per second: about 0 when the path keeps up, the
+    /// rate at which the backlog grows when it does not.
+    pub fn backlog_growth_per_s(&self) -> Option<f64> {
+        let pts: Vec<(f64, f64)> = self
+            .points
+            .iter()
+            .map(|p| (p.t, p.sent as f64 - p.delivered as f64))
+            .collect();
+        slope(&pts)
+    }
+
+    /// Mean latency (ms) over the first and the last quarter of the window.
+    pub fn latency_quarters_ms(&self) -> (Option<f64>, Option<f64>) {
+        let n = self.points.len();
+        let q = (n / 4).max(1);
+        let mean = |ps: &[TracePoint]| {
+            let v: Vec<f64> = ps.iter().filter_map(|p| p.latency_ms).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        if n == 0 {
+            return (None, None);
+        }
+        (
+            mean(&self.points[..q.min(n)]),
+            mean(&self.points[n - q.min(n)..]),
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        let (first, last) = self.latency_quarters_ms();
+        json!({
+            "every_s": TRACE_EVERY.as_secs_f64(),
+            "backlog_growth_per_s": self.backlog_growth_per_s().map(round3),
+            "latency_first_quarter_ms": first.map(round3),
+            "latency_last_quarter_ms": last.map(round3),
+            "points": self.points.iter().map(|p| json!([
+                round3(p.t), p.sent, p.delivered, p.latency_ms.map(round3)
+            ])).collect::<Vec<_>>(),
+            "points_fields": ["t_s", "sent", "delivered", "mean_latency_ms"],
+        })
+    }
+}
+
+/// Least-squares slope of y over x; None with fewer than 3 points.
+pub(crate) fn slope(pts: &[(f64, f64)]) -> Option<f64> {
+    if pts.len() < 3 {
+        return None;
+    }
+    let n = pts.len() as f64;
+    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// Samples the run's counters every [`TRACE_EVERY`] until `end`.
+async fn trace_window(shared: Arc<Shared>, end: Instant) -> Trace {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(TRACE_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut trace = Trace::default();
+    let (mut sum0, mut n0) = (
+        shared.latency_sum_ns.load(Relaxed),
+        shared.latency_n.load(Relaxed),
+    );
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if now > end {
+            break;
+        }
+        let (sum, n) = (
+            shared.latency_sum_ns.load(Relaxed),
+            shared.latency_n.load(Relaxed),
+        );
+        trace.points.push(TracePoint {
+            t: (now - start).as_secs_f64(),
+            sent: shared.sent.load(Relaxed),
+            delivered: shared.received.load(Relaxed),
+            latency_ms: (n > n0).then(|| (sum - sum0) as f64 / (n - n0) as f64 / 1e6),
+        });
+        (sum0, n0) = (sum, n);
+    }
+    trace
 }
 
 /// CPU used by a process in the measurement window, per message.
@@ -646,8 +785,10 @@ async fn subscriber(
                     }
                     match parse_body(&f.body) {
                         Some((ts, publisher, seq)) => {
+                            let latency = now.saturating_sub(ts).max(1);
+                            shared.latency_sum_ns.fetch_add(latency, Relaxed);
+                            shared.latency_n.fetch_add(1, Relaxed);
                             if ts >= ws && ts < we {
-                                let latency = now.saturating_sub(ts).max(1);
                                 res.hist.saturating_record(latency);
                                 if let Some(last) = usize::try_from(seq).ok().and_then(|s| shared.last_latency.get(s)) {
                                     last.fetch_max(latency, Relaxed);
@@ -794,7 +935,11 @@ async fn publisher(
             }
         };
         seq += 1;
-        let d = (i + seq as usize) % ndest;
+        let d = if p.pinned {
+            i % ndest
+        } else {
+            (i + seq as usize) % ndest
+        };
         let ts = match sched {
             Some(s) if scheduled => ns_of(s.into_std()),
             _ => now_ns(),
@@ -883,5 +1028,38 @@ mod tests {
         assert_eq!(b.len(), BODY_HEADER);
         assert_eq!(parse_body(&b), Some((u64::MAX, 999_999, 999_999_999_999)));
         assert_eq!(parse_body(b"short"), None);
+    }
+
+    fn point(t: f64, sent: u64, delivered: u64, latency_ms: f64) -> TracePoint {
+        TracePoint {
+            t,
+            sent,
+            delivered,
+            latency_ms: Some(latency_ms),
+        }
+    }
+
+    #[test]
+    fn trace_backlog_and_latency() {
+        // Keeping up: in flight stays at 10 whatever the rate.
+        let steady = Trace {
+            points: (0..40)
+                .map(|i| point(i as f64 * 0.25, 1000 * i + 10, 1000 * i, 1.0))
+                .collect(),
+        };
+        let g = steady.backlog_growth_per_s().unwrap_or(f64::NAN);
+        assert!(g.abs() < 1e-6, "{g}");
+        assert_eq!(steady.latency_quarters_ms(), (Some(1.0), Some(1.0)));
+        // Falling behind by 100 msg/s (25 per quarter second), latency growing.
+        let behind = Trace {
+            points: (0..40)
+                .map(|i| point(i as f64 * 0.25, 1000 * i, 975 * i, 1.0 + i as f64))
+                .collect(),
+        };
+        let g = behind.backlog_growth_per_s().unwrap_or(f64::NAN);
+        assert!((g - 100.0).abs() < 1e-6, "{g}");
+        let (first, last) = behind.latency_quarters_ms();
+        assert!(first < last);
+        assert_eq!(slope(&[(0.0, 1.0), (1.0, 2.0)]), None);
     }
 }
