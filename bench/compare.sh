@@ -6,40 +6,61 @@
 # Steps:
 #   1. cargo build --release -p stomp-gateway -p stomp-load
 #   2. raise this shell's open-file limit (the generator and gateway inherit it)
-#   3. restart RabbitMQ with a raised open-file limit (not with --quick or
-#      --no-restart): rabbitmqctl stop; ulimit -n 65536; rabbitmq-server -detached
-#      (as user rabbitmq through setpriv, not su, whose PAM limits would put
-#      the soft limit back to 1024)
-#   4. start the gateway on free ports with a bench config, wait for /readyz
-#   5. for each case, R rounds of gateway then direct (A B A B ...), sampling
-#      CPU and RSS of the gateway and of RabbitMQ's beam.smp
-#   6. stomp-load report: medians over rounds -> markdown table with targets,
+#   3. RabbitMQ: by default the benchmark's own node, sgw-bench@localhost
+#      (scripts/rabbitmq-bench-node.sh: AMQP 5691, STOMP 61691, Web-STOMP
+#      15691, management 15692, open-file limit raised), started if it is not
+#      running and stopped again at the end if this script started it. The
+#      main node (rabbit@localhost) is not touched. With --main-node, the old
+#      behaviour: the main node, restarted with a raised open-file limit
+#      (rabbitmqctl stop; ulimit -n 65536; rabbitmq-server -detached as user
+#      rabbitmq through setpriv, not su, whose PAM limits would put the soft
+#      limit back to 1024) unless --no-restart. DISRUPTIVE: the restart cuts
+#      every other user of the main node (tests running on this machine).
+#   4. for each case, R rounds over the targets (A B C A B C ...); before
+#      every gateway run a fresh gateway with that target's configuration is
+#      started on free ports (and stopped after it), sampling CPU and RSS of
+#      the gateway and of RabbitMQ's beam.smp
+#   5. stomp-load report: medians over rounds -> markdown table with targets,
 #      SVG latency plot
 #
 # Usage: bench/compare.sh [--quick] [--rounds N] [--out DIR] [--cases LIST]
-#                         [--no-restart] [--no-build] [--direct-only]
+#                         [--targets LIST] [--main-node] [--no-restart]
+#                         [--no-build] [--direct-only]
 #
-#   --quick        1 round, tiny sizes, no RabbitMQ restart, results and
-#                  report in a temp dir (not docs/): for CI and dry runs
+#   --quick        1 round, tiny sizes, results and report in a temp dir (not
+#                  docs/): for CI and dry runs
 #   --rounds N     rounds per case and target (default 3; medians)
 #   --out DIR      where the run JSON goes (default target/bench/<UTC time>)
+#   --markdown F   where the report goes (default docs/benchmarks.md; with
+#                  --quick, in the results directory); the SVG goes next to it
 #   --cases LIST   comma list of: throughput,latency,fanout,connect-storm,idle,
 #                  fanout-wide (10,000 subscribers on one topic),
 #                  idle-subscribed (idle sessions each holding one subscription
-#                  to the same topic)
-#   --targets LIST comma list of: gateway (relay mode), embedded (the gateway
-#                  with broker.mode = "embedded": no RabbitMQ behind it),
-#                  direct (Web-STOMP); gateway and embedded exclude each other
-#                  in one invocation (default: gateway,direct). The report's
-#                  tables compare gateway and direct; embedded runs are kept
-#                  as JSON next to them.
-#   --no-restart   keep RabbitMQ running as it is (its limit may be too low)
+#                  to the same topic),
+#                  paced (the paced search: the highest rate 10 1:1 topic
+#                  pairs sustain with no backlog growth)
+#   --targets LIST comma list of (default: shared,per-session,direct):
+#                    shared       the gateway in relay mode, [fanout] all
+#                                 "shared" (one AMQP queue per pod, local
+#                                 fan-out)
+#                    per-session  the gateway in relay mode, [fanout] all
+#                                 "per-session" (one STOMP connection to
+#                                 RabbitMQ per browser)
+#                    gateway      alias of per-session (older reports)
+#                    embedded     the gateway with broker.mode = "embedded"
+#                                 (no RabbitMQ behind it)
+#                    direct       RabbitMQ Web-STOMP
+#   --main-node    use the main RabbitMQ node (see step 3; disruptive)
+#   --no-restart   with --main-node: keep it running as it is (its limit may
+#                  be too low)
 #   --no-build     use existing binaries (STOMP_LOAD_BIN / GATEWAY_BIN or
 #                  target/release)
 #   --direct-only  only run against Web-STOMP (no gateway)
 #
-# Environment: WEB_STOMP_URL (ws://127.0.0.1:15674/ws), RABBITMQ_STOMP_ADDR
-# (127.0.0.1:61613), SOURCE_IPS (127.0.0.2-127.0.0.50), PAUSE_SECS (pause
+# Environment: WEB_STOMP_URL, RABBITMQ_STOMP_ADDR, RABBITMQ_AMQP_URL (default:
+# the bench node's ws://127.0.0.1:15691/ws, 127.0.0.1:61691,
+# amqp://guest:guest@127.0.0.1:5691/%2f; with --main-node the main node's
+# 15674, 61613, 5672), SOURCE_IPS (127.0.0.2-127.0.0.50), PAUSE_SECS (pause
 # between runs), STOMP_LOAD_BIN, GATEWAY_BIN, CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,9 +76,11 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 QUICK=0
 ROUNDS=""
 OUT=""
+MARKDOWN=""
 RESTART=1
+MAIN_NODE=0
 BUILD=1
-TARGETS=(gateway direct)
+TARGETS=(shared per-session direct)
 CASES="throughput,latency,fanout,connect-storm,idle"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -66,6 +89,8 @@ while [[ $# -gt 0 ]]; do
     --out) OUT="${2:?--out needs a directory}"; shift ;;
     --cases) CASES="${2:?--cases needs a list}"; shift ;;
     --no-restart) RESTART=0 ;;
+    --main-node) MAIN_NODE=1 ;;
+    --markdown) MARKDOWN="${2:?--markdown needs a file}"; shift ;;
     --no-build) BUILD=0 ;;
     --direct-only) TARGETS=(direct) ;;
     --targets) IFS=',' read -r -a TARGETS <<<"${2:?--targets needs a list}"; shift ;;
@@ -75,46 +100,61 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-GW_TARGET=""
-for t in "${TARGETS[@]}"; do
-  case "$t" in
-    gateway | embedded)
-      [[ -z "$GW_TARGET" ]] || die "--targets: gateway and embedded exclude each other"
-      GW_TARGET="$t"
-      ;;
+# "gateway" is the old name of per-session.
+HAVE_GW=0
+for i in "${!TARGETS[@]}"; do
+  case "${TARGETS[$i]}" in
+    gateway) TARGETS[i]=per-session; HAVE_GW=1 ;;
+    shared | per-session | embedded) HAVE_GW=1 ;;
     direct) ;;
-    *) die "--targets: unknown target $t" ;;
+    *) die "--targets: unknown target ${TARGETS[$i]}" ;;
   esac
 done
-GW_MODE=relay
-[[ "$GW_TARGET" == embedded ]] && GW_MODE=embedded
+is_gateway() { [[ "$1" != direct ]]; }
 
-WEB_STOMP_URL="${WEB_STOMP_URL:-ws://127.0.0.1:15674/ws}"
-STOMP_ADDR="${RABBITMQ_STOMP_ADDR:-127.0.0.1:61613}"
+BENCH_NODE=sgw-bench@localhost
+if ((MAIN_NODE)); then
+  RMQ_NODE=""
+  WEB_STOMP_URL="${WEB_STOMP_URL:-ws://127.0.0.1:15674/ws}"
+  STOMP_ADDR="${RABBITMQ_STOMP_ADDR:-127.0.0.1:61613}"
+  AMQP_URL="${RABBITMQ_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+else
+  RMQ_NODE="$BENCH_NODE"
+  WEB_STOMP_URL="${WEB_STOMP_URL:-ws://127.0.0.1:15691/ws}"
+  STOMP_ADDR="${RABBITMQ_STOMP_ADDR:-127.0.0.1:61691}"
+  AMQP_URL="${RABBITMQ_AMQP_URL:-amqp://guest:guest@127.0.0.1:5691/%2f}"
+fi
+# rabbitmqctl against the node the runs use.
+rmqctl() {
+  if [[ -n "$RMQ_NODE" ]]; then
+    rabbitmqctl -n "$RMQ_NODE" "$@"
+  else
+    rabbitmqctl "$@"
+  fi
+}
 SOURCE_IPS="${SOURCE_IPS:-127.0.0.2-127.0.0.50}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
 if ((QUICK)); then
   ROUNDS="${ROUNDS:-1}"
-  RESTART=0
+  RESTART=0 # only ever applies to --main-node
   OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/stomp-bench.XXXXXX")}"
-  MARKDOWN="$OUT/benchmarks.md"
-  SVG="$OUT/benchmarks-latency.svg"
+  MARKDOWN="${MARKDOWN:-$OUT/benchmarks.md}"
   PAUSE_SECS="${PAUSE_SECS:-1}"
 else
   ROUNDS="${ROUNDS:-3}"
   OUT="${OUT:-$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)}"
-  MARKDOWN="docs/benchmarks.md"
-  SVG="docs/benchmarks-latency.svg"
+  MARKDOWN="${MARKDOWN:-docs/benchmarks.md}"
   PAUSE_SECS="${PAUSE_SECS:-5}"
 fi
+SVG="$(dirname "$MARKDOWN")/benchmarks-latency.svg"
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer"
 mkdir -p "$OUT/runs" "$OUT/logs"
 log "results: $OUT (report: $MARKDOWN)"
 
 # ---- 1. build ---------------------------------------------------------------
 if ((BUILD)); then
-  if [[ -n "$GW_TARGET" ]]; then
+  if ((HAVE_GW)); then
     log "building release binaries: cargo build --release -p stomp-gateway -p stomp-load"
     cargo build --release -p stomp-gateway -p stomp-load
   else
@@ -141,8 +181,8 @@ wait_port() {
 
 beam_pid() {
   local pid
-  pid="$(rabbitmqctl eval 'os:getpid().' 2>/dev/null | tr -dc '0-9')" || true
-  if [[ -z "$pid" ]]; then
+  pid="$(rmqctl eval 'os:getpid().' 2>/dev/null | tr -dc '0-9')" || true
+  if [[ -z "$pid" && -z "$RMQ_NODE" ]]; then
     pid="$(pgrep -o beam.smp || true)"
   fi
   [[ -n "$pid" ]] || die "cannot find RabbitMQ's beam.smp process"
@@ -151,7 +191,27 @@ beam_pid() {
 
 beam_nofile() { awk '/Max open files/ {print $4 " (hard " $5 ")"}' "/proc/$1/limits" 2>/dev/null || echo unknown; }
 
-if ((RESTART)); then
+BENCH_NODE_STARTED=0
+stop_bench_node() {
+  if ((BENCH_NODE_STARTED)); then
+    log "stopping the bench node $BENCH_NODE (scripts/rabbitmq-bench-node.sh stop)"
+    scripts/rabbitmq-bench-node.sh stop || log "WARNING: could not stop $BENCH_NODE"
+    BENCH_NODE_STARTED=0
+  fi
+}
+if ((!MAIN_NODE)); then
+  if scripts/rabbitmq-bench-node.sh status 2>/dev/null; then
+    log "using the running bench node $BENCH_NODE (left running at the end)"
+  else
+    log "starting the bench node $BENCH_NODE (scripts/rabbitmq-bench-node.sh start); the main node is not touched"
+    BENCH_NODE_STARTED=1
+    trap stop_bench_node EXIT
+    scripts/rabbitmq-bench-node.sh start
+  fi
+  BEAM="$(beam_pid)"
+  log "RabbitMQ node $BENCH_NODE: beam.smp pid $BEAM, open-file limit $(beam_nofile "$BEAM")"
+  RESTART_NOTE="RabbitMQ ran as the benchmark's own node $BENCH_NODE (scripts/rabbitmq-bench-node.sh: its own data directory and ports), started with a raised open-file limit because RabbitMQ's default soft limit of 1024 caps it at about 830 connections; beam.smp's limit during the runs: $(beam_nofile "$BEAM"). The main node was not touched."
+elif ((RESTART)); then
   log "Restarting RabbitMQ with a raised open-file limit. Why: the node's default soft limit of"
   log "1024 file descriptors caps it at about 830 connections, and these scenarios need"
   log "thousands (connect storm 2,000, idle density 5,000; every gateway session also"
@@ -192,23 +252,37 @@ else
   log "not restarting RabbitMQ; beam.smp pid $BEAM, open-file limit $(beam_nofile "$BEAM")"
   RESTART_NOTE="RabbitMQ was not restarted; beam.smp's open-file limit during the runs: $(beam_nofile "$BEAM")."
 fi
-RABBIT_VERSION="$(rabbitmqctl version 2>/dev/null || echo unknown)"
+RABBIT_VERSION="$(rmqctl version 2>/dev/null || echo unknown)"
 
 # ---- 4. the gateway -----------------------------------------------------------
 GW_PID=""
 GW_URL=""
-CONFIG="$OUT/gateway.toml"
-if [[ -n "$GW_TARGET" ]]; then
-  [[ -x "$GATEWAY" ]] || die "no stomp-gateway binary at $GATEWAY"
-  PORT="$("$LOAD" free-port)"
-  ADMIN="$("$LOAD" free-port)"
-  while [[ "$ADMIN" == "$PORT" ]]; do ADMIN="$("$LOAD" free-port)"; done
-  cat >"$CONFIG" <<EOF
-# stomp-gateway configuration used by bench/compare.sh
+GW_NOTES=()
+[[ -x "$GATEWAY" ]] || ((!HAVE_GW)) || die "no stomp-gateway binary at $GATEWAY"
+
+# The [broker] mode and [fanout] paths of a gateway target.
+target_mode() { if [[ "$1" == embedded ]]; then echo embedded; else echo relay; fi; }
+target_fanout() {
+  case "$1" in
+    shared) echo shared ;;
+    per-session) echo per-session ;;
+    *) echo "" ;;
+  esac
+}
+
+# Writes $OUT/gateway-<target>.toml for the ports in $PORT / $ADMIN.
+write_config() {
+  local target="$1" config="$OUT/gateway-$1.toml" fanout
+  fanout="$(target_fanout "$target")"
+  cat >"$config" <<EOF
+# stomp-gateway configuration used by bench/compare.sh (target $target)
 [server]
 listen = "127.0.0.1:$PORT"
 admin_listen = "127.0.0.1:$ADMIN"
 max_connections = 20000
+# One load generator stands for many browsers: no per-address limits.
+max_connections_per_ip = 0
+max_new_connections_per_ip_per_sec = 0
 
 [session]
 # Client-leg heart-beats the gateway offers; each scenario picks its own in
@@ -221,18 +295,53 @@ heartbeat_receive_ms = 10000
 max_sends_per_sec = 0
 
 [broker]
-mode = "$GW_MODE"
+mode = "$(target_mode "$target")"
 addresses = ["$STOMP_ADDR"]
+
+[amqp]
+url = "$AMQP_URL"
+EOF
+  if [[ -n "$fanout" && "${NO_FANOUT_SECTION:-0}" != 1 ]]; then
+    cat >>"$config" <<EOF
+
+[fanout]
+topic = "$fanout"
+exchange = "$fanout"
+user = "$fanout"
+EOF
+  fi
+  cat >>"$config" <<EOF
 
 [log]
 filter = "warn"
 EOF
-  GW_URL="ws://127.0.0.1:$PORT/ws"
-fi
+  echo "$config"
+}
 
+# Starts a fresh gateway for `target` (stopping any other first).
 start_gateway() {
-  "$GATEWAY" --config "$CONFIG" >>"$OUT/logs/gateway.log" 2>&1 &
+  local target="$1" config
+  stop_gateway
+  PORT="$("$LOAD" free-port)"
+  ADMIN="$("$LOAD" free-port)"
+  while [[ "$ADMIN" == "$PORT" ]]; do ADMIN="$("$LOAD" free-port)"; done
+  config="$(write_config "$target")"
+  if ! "$GATEWAY" --config "$config" --check-config >"$OUT/logs/check-config.log" 2>&1; then
+    if [[ "$target" == per-session ]] && grep -q 'fanout' "$OUT/logs/check-config.log"; then
+      # A gateway from before the shared fan-out path: per-session is its
+      # only relay path, and it does not know the [fanout] section.
+      log "this gateway build has no [fanout] section; per-session runs without it"
+      GW_NOTES+=("The gateway build predates the [fanout] section; per-session ran in relay mode without it (its only relay path).")
+      NO_FANOUT_SECTION=1
+      config="$(write_config "$target")"
+    else
+      cat "$OUT/logs/check-config.log" >&2
+      die "the gateway rejects the $target configuration $config"
+    fi
+  fi
+  "$GATEWAY" --config "$config" >>"$OUT/logs/gateway.log" 2>&1 &
   GW_PID=$!
+  GW_URL="ws://127.0.0.1:$PORT/ws"
   local deadline=$((SECONDS + 30))
   until curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/readyz" 2>/dev/null; do
     kill -0 "$GW_PID" 2>/dev/null || {
@@ -242,7 +351,7 @@ start_gateway() {
     ((SECONDS < deadline)) || die "the gateway was not ready within 30 s"
     sleep 0.2
   done
-  log "gateway ready: pid $GW_PID, $GW_URL"
+  log "gateway ($target) ready: pid $GW_PID, $GW_URL"
 }
 
 stop_gateway() {
@@ -259,9 +368,11 @@ stop_gateway() {
   wait "$GW_PID" 2>/dev/null || true
   GW_PID=""
 }
-trap stop_gateway EXIT
-
-[[ -n "$GW_URL" ]] && start_gateway
+cleanup() {
+  stop_gateway
+  stop_bench_node
+}
+trap cleanup EXIT
 
 # ---- 5. the cases -------------------------------------------------------------
 # case -> stomp-load arguments, full and quick.
@@ -273,6 +384,7 @@ FULL[connect-storm]="connect-storm --sessions 2000 --concurrency 50 --source-ips
 FULL[idle]="idle --sessions 5000 --concurrency 100 --hold 30 --heart-beat 10000,10000 --source-ips $SOURCE_IPS"
 FULL[fanout-wide]="fanout --subscribers 10000 --rate 10 --size 100 --warmup 5 --duration 20 --concurrency 100 --drain-max 60 --rabbitmq-counts --source-ips $SOURCE_IPS"
 FULL[idle-subscribed]="idle --sessions 5000 --concurrency 100 --hold 30 --heart-beat 10000,10000 --subscribe /topic/idle.room --rabbitmq-counts --source-ips $SOURCE_IPS"
+FULL[paced]="paced-search --pairs 10 --size 100 --start 2000 --max-rate 100000 --warmup 2 --duration 10 --drain-idle 1 --drain-max 5 --precision 0.05 --max-steps 10"
 # Quick mode stays light on a shared machine: even "throughput" is paced.
 QUICK_ARGS[throughput]="throughput --publishers 1 --subscribers 1 --size 100 --rate 1000 --warmup 0.5 --duration 2"
 QUICK_ARGS[latency]="throughput --publishers 1 --subscribers 1 --size 100 --rate 200 --warmup 0.5 --duration 2"
@@ -281,29 +393,30 @@ QUICK_ARGS[connect-storm]="connect-storm --sessions 50 --concurrency 10 --source
 QUICK_ARGS[idle]="idle --sessions 50 --concurrency 10 --hold 3 --settle 1 --heart-beat 10000,10000 --source-ips $SOURCE_IPS"
 QUICK_ARGS[fanout-wide]="fanout --subscribers 100 --rate 10 --size 100 --warmup 0.5 --duration 2 --rabbitmq-counts --source-ips $SOURCE_IPS"
 QUICK_ARGS[idle-subscribed]="idle --sessions 50 --concurrency 10 --hold 3 --settle 1 --heart-beat 10000,10000 --subscribe /topic/idle.room --rabbitmq-counts --source-ips $SOURCE_IPS"
+QUICK_ARGS[paced]="paced-search --pairs 2 --size 100 --start 200 --max-rate 400 --warmup 0.5 --duration 2 --drain-idle 0.5 --drain-max 2 --max-steps 2 --pause 0.5"
 
 FAILED=0
 run_case() {
   local case="$1" target="$2" round="$3" url args name status=0
   if ((QUICK)); then args="${QUICK_ARGS[$case]:-}"; else args="${FULL[$case]:-}"; fi
   [[ -n "$args" ]] || die "unknown case $case"
-  if [[ "$target" == gateway || "$target" == embedded ]]; then
+  if is_gateway "$target"; then
+    # A fresh gateway process for every run: the target's configuration,
+    # and RSS growth not hidden by memory kept from earlier runs.
+    start_gateway "$target"
     url="$GW_URL"
-    # A fresh gateway process for idle density, so its RSS growth is not
-    # hidden by memory kept from earlier runs.
-    if [[ "$case" == idle || "$case" == idle-subscribed ]]; then
-      stop_gateway
-      start_gateway
-    fi
   else
+    stop_gateway
     url="$WEB_STOMP_URL"
   fi
   local measure=(--measure-pid "rabbitmq=$BEAM")
   [[ -n "$GW_PID" ]] && measure+=(--measure-pid "gateway=$GW_PID")
+  local node=()
+  [[ -n "$RMQ_NODE" ]] && node=(--rabbitmq-node "$RMQ_NODE")
   name="$case.$target.r$round"
   log "round $round/$ROUNDS: $case -> $target ($url)"
   # shellcheck disable=SC2086 # $args is a word list on purpose
-  "$LOAD" $args --url "$url" "${measure[@]}" --progress 5 \
+  "$LOAD" $args --url "$url" "${measure[@]}" "${node[@]}" --progress 5 \
     --tag "case=$case" --tag "target=$target" --tag "round=$round" \
     >"$OUT/runs/$name.json.tmp" 2> >(tee "$OUT/logs/$name.log" >&2) || status=$?
   if ((status == 0)) && [[ -s "$OUT/runs/$name.json.tmp" ]]; then
@@ -315,6 +428,7 @@ run_case() {
     FAILED=$((FAILED + 1))
     log "  FAILED with status $status (log: $OUT/logs/$name.log)"
   fi
+  stop_gateway
   sleep "$PAUSE_SECS"
 }
 
@@ -333,24 +447,26 @@ stop_gateway
 # ---- 6. the report ------------------------------------------------------------
 notes=(
   --note "$RESTART_NOTE"
-  --note "Rounds: $ROUNDS per case and target, alternating gateway and direct; figures are medians."
-  --note "The gateway ran with broker.mode = \"$GW_MODE\"."
+  --note "Rounds: $ROUNDS per case and target, targets in the order ${TARGETS[*]}; figures are medians."
   --note "Connect storms, idle density and fan-out spread client sockets over source addresses $SOURCE_IPS to stay clear of the ephemeral-port limit."
 )
-if [[ -n "$GW_URL" ]]; then
-  notes+=(--note "The gateway was restarted before each idle-density run so that its RSS growth is measured from a fresh process; RabbitMQ was not (its allocators keep memory between runs, so its per-session figure is a lower bound).")
+if ((HAVE_GW)); then
+  notes+=(--note "A fresh gateway process was started for every gateway run (shared and per-session: broker.mode = \"relay\" with [fanout] all \"shared\" or all \"per-session\"; embedded: broker.mode = \"embedded\"), so its RSS growth is measured from a fresh process; RabbitMQ was not restarted between runs (its allocators keep memory, so its per-session figure is a lower bound).")
 fi
+for n in "${GW_NOTES[@]}"; do notes+=(--note "$n"); done
 ((QUICK)) && notes+=(--note "Quick mode (--quick): tiny sizes and paced throughput; not a benchmark, only a check that the pipeline works.")
 ((FAILED)) && notes+=(--note "$FAILED run(s) failed and are missing from the medians; see $OUT/logs.")
 gw_config=()
-[[ -f "$CONFIG" ]] && gw_config=(--gateway-config "$CONFIG")
+for t in shared per-session embedded; do
+  [[ -f "$OUT/gateway-$t.toml" ]] && gw_config+=(--gateway-config "$OUT/gateway-$t.toml")
+done
 "$LOAD" report --runs "$OUT/runs" --markdown "$MARKDOWN" --svg "$SVG" \
   --rabbitmq-version "$RABBIT_VERSION" --invocation "$INVOCATION" \
   "${gw_config[@]}" "${notes[@]}"
 # The hand-written reading of the figures (what holds across runs, what is
 # noise, what would close a gap) goes with every full report. If the figures
 # change materially, update bench/analysis.md in the same change.
-if ((!QUICK)) && [[ -f bench/analysis.md ]]; then
+if ((!QUICK)) && [[ "$MARKDOWN" == docs/benchmarks.md && -f bench/analysis.md ]]; then
   cat bench/analysis.md >>"$MARKDOWN"
 fi
 log "done: $MARKDOWN, $SVG; run JSON in $OUT/runs"
