@@ -18,8 +18,11 @@
 //!
 //! Whatever the route, [`strip_identity_headers`] removes the headers only
 //! the gateway may set from a relayed SEND. [`Router::resolve`] maps a
-//! destination to an exchange and routing key for the trusted publish API.
-//! Shared fan-out and an embedded broker will be more [`Route`]s here.
+//! destination to an exchange and routing key for the trusted publish API,
+//! and [`amqp_target`] reads a relay destination the way RabbitMQ's STOMP
+//! plugin reads a SEND's, for relay SENDs the session publishes over AMQP.
+//! Whether the shared path (the local hub) serves an allowed relay or user
+//! destination is the session's choice on top of [`Route`].
 
 use crate::frame::{Command, Frame};
 use crate::policy::{Policy, Principal, Verdict};
@@ -530,6 +533,28 @@ fn invalid(message: impl Into<String>, details: impl Into<String>) -> Refusal {
 /// we (in either case, to refuse more, never less).
 fn unescape(name: &str) -> String {
     name.replace("%2F", "/").replace("%2f", "/")
+}
+
+/// The AMQP (exchange, routing key) a relay destination publishes to, read
+/// the way RabbitMQ's STOMP plugin reads a SEND's destination: `/topic/k` →
+/// `("amq.topic", "k")`; `/exchange/x/k` → `("x", "k")`; `/exchange/x` →
+/// `("x", "")`; `%2F` in a name is `/`. `None` for anything else, and for
+/// the forms the plugin refuses (an empty name, more `/`-separated parts),
+/// so those keep getting RabbitMQ's own answer on the relay leg.
+pub fn amqp_target(destination: &str) -> Option<(String, String)> {
+    let plugin_unescape = |s: &str| s.replace("%2F", "/");
+    if let Some(name) = destination.strip_prefix("/topic/") {
+        if name.is_empty() || name.contains('/') {
+            return None;
+        }
+        return Some(("amq.topic".to_owned(), plugin_unescape(name)));
+    }
+    let rest = destination.strip_prefix("/exchange/")?;
+    let (exchange, key) = rest.split_once('/').unwrap_or((rest, ""));
+    if exchange.is_empty() || key.contains('/') {
+        return None;
+    }
+    Some((plugin_unescape(exchange), plugin_unescape(key)))
 }
 
 /// Removes the headers only the gateway may set from a client SEND: every
@@ -1114,5 +1139,39 @@ mod tests {
         assert_eq!(res("/backend/a/b"), some("app.x", "a.b"));
         assert_eq!(res("/app/x"), None);
         assert_eq!(res("/u/bob/queue/x"), some("user.x", "bob.queue.x"));
+    }
+
+    #[test]
+    fn amqp_target_reads_a_send_as_the_stomp_plugin_does() {
+        let some = |e: &str, k: &str| Some((e.to_owned(), k.to_owned()));
+        assert_eq!(amqp_target("/topic/room.42"), some("amq.topic", "room.42"));
+        assert_eq!(amqp_target("/topic/a%2Fb"), some("amq.topic", "a/b"));
+        assert_eq!(
+            amqp_target("/exchange/adme.exchange/room.*"),
+            some("adme.exchange", "room.*")
+        );
+        assert_eq!(amqp_target("/exchange/e"), some("e", ""));
+        assert_eq!(amqp_target("/exchange/e/"), some("e", ""));
+        assert_eq!(amqp_target("/exchange/a%2Fb/k%2Fl"), some("a/b", "k/l"));
+        // Only the plugin's own escape: `%2f` and `%25` stay as they are.
+        assert_eq!(
+            amqp_target("/topic/a%2fb%25"),
+            some("amq.topic", "a%2fb%25")
+        );
+        for none in [
+            "/topic/",
+            "/topic/a/b",
+            "/exchange/",
+            "/exchange//rk",
+            "/exchange/e/a/b",
+            "/queue/q",
+            "/amq/queue/q",
+            "/temp-queue/t",
+            "/app/x",
+            "/user/queue/x",
+            "",
+        ] {
+            assert_eq!(amqp_target(none), None, "{none:?}");
+        }
     }
 }
