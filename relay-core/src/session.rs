@@ -4,7 +4,7 @@
 //! connection lost) together with the current time, and drains
 //! [`Session::poll_action`] for what to do next, grouped by who does it
 //! ([`Action`]): the client connection, the relay leg (open it, send this
-//! frame, close it), the application publisher. Timers are
+//! frame, close it), the application publisher, the local hub. Timers are
 //! exposed through [`Session::poll_timeout`] and fired with
 //! [`Session::handle_timeout`], so tests drive everything on a fake clock.
 //!
@@ -17,17 +17,32 @@
 //!        +---------------------------+-----------------------------------+------------------------------+--> Closed
 //! ```
 //!
-//! Legs: the client, the relay leg (this session's own broker connection)
-//! and the application publisher (AMQP with confirms). A session can be
-//! CONNECTED with no relay leg ([`SessionConfig::open_relay_at_connect`]
-//! false): the leg is opened when the first frame that needs it arrives,
-//! and frames for it wait (bounded) until it is connected. By default it is
-//! opened at CONNECT and CONNECTED waits for it, as the relay always did.
+//! Legs: the client, the relay leg (this session's own broker connection),
+//! the application publisher (AMQP with confirms) and the hub leg (the
+//! process's local fan-out hub, fed by one shared AMQP upstream per pod). A
+//! session can be CONNECTED with no relay leg
+//! ([`SessionConfig::open_relay_at_connect`] false): the leg is opened when
+//! the first frame that needs it arrives, and frames for it wait (bounded)
+//! until it is connected. By default it is opened at CONNECT and CONNECTED
+//! waits for it, as the relay always did.
+//!
+//! The hub leg ([`SessionConfig::shared`], [`Action::Shared`]) serves the
+//! subscriptions that need no broker state of their own: `ack:auto`
+//! SUBSCRIBEs to `/topic/…`, `/exchange/…` and user destinations without
+//! per-session queue headers become hub subscriptions (their receipt comes
+//! when the driver reports the upstream binding with
+//! [`Session::handle_shared_subscribed`]), and while the relay leg was never
+//! opened, SENDs to those destinations are published over AMQP like
+//! application SENDs (with `AppPublish::exchange` set). Everything else
+//! (client acks, queues, transactions, durable subscriptions) takes the
+//! relay leg, opened lazily. A session that only publishes and subscribes
+//! to topics then never opens a broker connection of its own.
 //!
 //! What the session still owes the client is kept across legs (`Owed`):
-//! the confirms of application SENDs (each answered with its receipt) and,
-//! while closing, the relay leg's flush (a DISCONNECT with a receipt: when
-//! its RECEIPT arrives, every earlier relayed frame was handled and its
+//! the confirms of AMQP SENDs (each answered with its receipt), the hub's
+//! answers to pending shared SUBSCRIBEs (each answered with its receipt)
+//! and, while closing, the relay leg's flush (a DISCONNECT with a receipt:
+//! when its RECEIPT arrives, every earlier relayed frame was handled and its
 //! receipt relayed). A DISCONNECT with a receipt, or a drain, completes
 //! when nothing is owed on any leg, in whatever order the legs answer.
 //!
@@ -55,15 +70,24 @@ pub trait Authenticate: Send + Sync + fmt::Debug {
     fn authenticate(&self, connect: &Frame) -> Result<Option<Principal>, String>;
 }
 
-/// A client SEND to an application destination, to be published to the
-/// application exchange by the driver.
+/// A client SEND to be published over AMQP with a confirm by the driver:
+/// to an application destination, or to a relay destination served without
+/// a relay leg (see [`AppPublish::exchange`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppPublish {
     /// Correlates [`Session::handle_publish_result`].
     pub id: u64,
-    /// The destination without its prefix, `/` turned into `.`.
+    /// `None`: the application exchange (an `/app` SEND; `routing_key` is
+    /// the destination without its prefix, `/` turned into `.`).
+    /// `Some(x)`: a relay SEND served without a relay leg, published to
+    /// exchange `x` with `routing_key` (`/topic/k` → `amq.topic`, `k`;
+    /// `/exchange/x/k` → `x`, `k`), mapped the way RabbitMQ's STOMP plugin
+    /// maps a SEND ([`router::amqp_target`]).
+    pub exchange: Option<String>,
+    /// The routing key (see [`AppPublish::exchange`]).
     pub routing_key: String,
-    /// The destination as the client sent it.
+    /// The destination as the client sent it (for a user destination, the
+    /// router's `/exchange/<user exchange>/<escaped user>.<rest>`).
     pub destination: String,
     /// `content-type` of the SEND, if any.
     pub content_type: Option<String>,
@@ -71,6 +95,19 @@ pub struct AppPublish {
     /// could pass for identity, `stomp-*` and `user-id`, removed).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+}
+
+/// Which relay destinations the shared path (the local hub and the pod's
+/// shared AMQP upstream) serves; all false = none, every subscription on
+/// the session's relay leg.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedPaths {
+    /// `/topic/…`
+    pub topic: bool,
+    /// `/exchange/<x>/<pattern>`
+    pub exchange: bool,
+    /// User destinations (`/user/…`, on the user exchange).
+    pub user: bool,
 }
 
 /// Settings of one session; shared by all sessions of a process.
@@ -123,6 +160,10 @@ pub struct SessionConfig {
     /// connected (true, the default), or answer CONNECTED at once and open
     /// the relay leg when the first frame needs it (false).
     pub open_relay_at_connect: bool,
+    /// Which `ack:auto` subscriptions the local hub serves instead of the
+    /// relay leg (and which SENDs go over AMQP while there is no relay
+    /// leg); the default serves none.
+    pub shared: SharedPaths,
     /// Decides who the client is; `None` means everyone is anonymous.
     pub authenticator: Option<Arc<dyn Authenticate>>,
 }
@@ -149,24 +190,47 @@ impl Default for SessionConfig {
             server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
             max_inflight_publishes: 256,
             open_relay_at_connect: true,
+            shared: SharedPaths::default(),
             authenticator: None,
         }
     }
 }
 
 /// What the driver must do, grouped by who carries it out: the client
-/// connection, the relay leg (this session's own broker connection) or the
-/// application publisher. A later local fan-out hub gets a group of its own
-/// here; the driver hands each group to the one that carries it out.
+/// connection, the relay leg (this session's own broker connection), the
+/// application publisher or the local hub; the driver hands each group to
+/// the one that carries it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// For the client connection.
     Client(ToClient),
     /// For the relay leg.
     Relay(ToRelay),
-    /// For the application publisher: publish to the application exchange
-    /// with a publisher confirm, then call [`Session::handle_publish_result`].
+    /// For the application publisher: publish (to the application exchange,
+    /// or to [`AppPublish::exchange`]) with a publisher confirm, then call
+    /// [`Session::handle_publish_result`].
     App(AppPublish),
+    /// For the local hub (the shared path).
+    Shared(ToShared),
+}
+
+/// What the local hub must do for this session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToShared {
+    /// Add subscription `id` on hub key `key` (the resolved destination:
+    /// `/topic/x`, `/exchange/x/p`, or for a user destination the router's
+    /// `/exchange/<user exchange>/<escaped user>.<rest>`). `destination` is
+    /// what the client subscribed to (MESSAGE frames carry it for a user
+    /// destination). When the upstream binding is in place the driver calls
+    /// [`Session::handle_shared_subscribed`]; when it cannot be made,
+    /// [`Session::handle_shared_failed`].
+    Subscribe {
+        id: String,
+        key: String,
+        destination: String,
+    },
+    /// Remove subscription `id` from the hub (synchronous; nothing comes back).
+    Unsubscribe { id: String },
 }
 
 /// What the client connection must do.
@@ -219,6 +283,9 @@ pub enum CloseReason {
     BrokerError(String),
     /// The broker connection failed, was refused or went silent.
     BrokerLost(String),
+    /// The client did not read its messages fast enough (WebSocket close
+    /// 1008); see [`Session::handle_slow_consumer`].
+    SlowConsumer(String),
     /// The gateway is shutting down.
     Shutdown,
 }
@@ -234,7 +301,7 @@ impl CloseReason {
             | CloseReason::ConnectTimeout
             | CloseReason::ClientHeartbeatTimeout => 1002,
             CloseReason::BrokerError(_) | CloseReason::BrokerLost(_) => 1011,
-            CloseReason::Policy(_) => 1008,
+            CloseReason::Policy(_) | CloseReason::SlowConsumer(_) => 1008,
             CloseReason::WebSocket { code, .. } => *code,
         }
     }
@@ -255,6 +322,7 @@ impl fmt::Display for CloseReason {
             CloseReason::ClientHeartbeatTimeout => f.write_str("client heart-beat timeout"),
             CloseReason::BrokerError(m) => write!(f, "broker error: {m}"),
             CloseReason::BrokerLost(m) => write!(f, "broker connection lost: {m}"),
+            CloseReason::SlowConsumer(m) => write!(f, "slow consumer: {m}"),
             CloseReason::Shutdown => f.write_str("gateway shutting down"),
         }
     }
@@ -295,8 +363,11 @@ enum Relay {
 /// What the session still owes the client, across its legs.
 #[derive(Debug, Default)]
 struct Owed {
-    /// Application publishes awaiting a confirm: id → receipt to send.
+    /// AMQP publishes awaiting a confirm: id → receipt to send.
     publishes: HashMap<u64, Option<String>>,
+    /// Shared SUBSCRIBEs awaiting the hub's answer: subscription id → its
+    /// receipts.
+    shared_subscribes: HashMap<String, SharedReceipt>,
     /// The receipt of the DISCONNECT that flushes the relay leg, until its
     /// RECEIPT arrives.
     relay_flush: Option<String>,
@@ -304,8 +375,17 @@ struct Owed {
 
 impl Owed {
     fn settled(&self) -> bool {
-        self.publishes.is_empty() && self.relay_flush.is_none()
+        self.publishes.is_empty() && self.shared_subscribes.is_empty() && self.relay_flush.is_none()
     }
+}
+
+/// The receipts of a shared SUBSCRIBE awaiting its binding.
+#[derive(Debug)]
+struct SharedReceipt {
+    /// The receipt the barrier waits for (the client's, or the gateway's own).
+    barrier: String,
+    /// The client's receipt, if it asked for one.
+    client: Option<String>,
 }
 
 /// One client session. See the module docs.
@@ -336,8 +416,11 @@ pub struct Session {
     /// Who the client is (no user when anonymous).
     principal: Principal,
     /// Subscription id → destination the client asked for, for user
-    /// destinations (rewritten back on MESSAGE).
+    /// destinations on the relay leg (rewritten back on MESSAGE).
     user_subscriptions: HashMap<String, String>,
+    /// Subscriptions on the shared path: id → destination the client asked
+    /// for (the rest of `subscriptions` is on the relay leg).
+    shared: HashMap<String, String>,
     /// What the session still owes the client, across legs.
     owed: Owed,
     next_publish_id: u64,
@@ -394,6 +477,7 @@ impl Session {
             client_heartbeat: HeartBeat::default(),
             principal: Principal::default(),
             user_subscriptions: HashMap::new(),
+            shared: HashMap::new(),
             owed: Owed::default(),
             next_publish_id: 1,
             relay: Relay::Absent,
@@ -503,9 +587,81 @@ impl Session {
         self.close_reason.as_ref()
     }
 
-    /// Active subscriptions.
+    /// Active subscriptions, on both paths.
     pub fn subscription_count(&self) -> usize {
         self.subscriptions.len()
+    }
+
+    /// Number of this session's subscriptions on the shared path (the rest
+    /// of [`Session::subscription_count`] is on the relay leg).
+    pub fn shared_subscription_count(&self) -> usize {
+        self.shared.len()
+    }
+
+    // ----- inputs from the hub ------------------------------------------
+
+    /// The hub answered: subscription `id`'s binding is in place. Sends its
+    /// receipt (the client's, or releases the barrier's hold as a broker
+    /// RECEIPT for it would). Ignored for an unknown or already
+    /// unsubscribed id.
+    pub fn handle_shared_subscribed(&mut self, now: Instant, id: &str) {
+        if matches!(self.state, State::Closed | State::AwaitingConnect) {
+            return;
+        }
+        let Some(pending) = self.owed.shared_subscribes.remove(id) else {
+            return;
+        };
+        self.shared_receipt(now, pending);
+        self.close_if_settled(now);
+    }
+
+    /// The binding for subscription `id` cannot be made (RabbitMQ refused
+    /// it, e.g. no such exchange, or the upstream is down): ERROR
+    /// `shared subscription failed` naming the destination and the reason,
+    /// then close as [`CloseReason::BrokerError`] (1011), also while
+    /// closing. Ignored for an unknown or already unsubscribed id.
+    pub fn handle_shared_failed(&mut self, now: Instant, id: &str, reason: &str) {
+        if matches!(self.state, State::Closed | State::AwaitingConnect) {
+            return;
+        }
+        let Some(destination) = self.shared.get(id) else {
+            return;
+        };
+        let details =
+            format!("the subscription {id:?} to {destination} could not be set up: {reason}");
+        self.shared_failure(now, details, reason);
+    }
+
+    /// The session did not read its messages fast enough: ERROR with
+    /// `message:slow consumer` and body `details`, then close with
+    /// [`CloseReason::SlowConsumer`] (1008). Closes the relay leg too if any.
+    pub fn handle_slow_consumer(&mut self, now: Instant, details: &str) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.emit_client(now, Frame::error("slow consumer", details));
+        self.close_broker_leg();
+        self.finish(CloseReason::SlowConsumer(details.to_owned()), true);
+    }
+
+    /// The shared upstream lost messages for this session's subscriptions
+    /// and the configured gap policy is "close": ERROR `shared subscription
+    /// interrupted` (body `details`, telling the client to reconnect and
+    /// resubscribe), close as [`CloseReason::BrokerLost`] (1011). No-op if
+    /// the session has no shared subscription.
+    pub fn handle_shared_lost(&mut self, now: Instant, details: &str) {
+        if self.state == State::Closed || self.shared.is_empty() {
+            return;
+        }
+        self.emit_client(
+            now,
+            Frame::error("shared subscription interrupted", details),
+        );
+        self.close_broker_leg();
+        self.finish(
+            CloseReason::BrokerLost(format!("shared subscription interrupted: {details}")),
+            true,
+        );
     }
 
     /// Negotiated client-leg heart-beats (send, receive).
@@ -885,11 +1041,23 @@ impl Session {
                         // Not confirmed in time: close anyway; the client
                         // resends what it has no receipt for.
                         self.handle_shutdown(now);
-                    } else {
+                    } else if self.owed.relay_flush.is_some() {
                         self.handle_broker_failed(
                             now,
                             &format!("no RECEIPT for DISCONNECT within {ms} ms"),
                         );
+                    } else {
+                        // Only the hub still owes: a binding never answered.
+                        let mut ids: Vec<&String> = self.owed.shared_subscribes.keys().collect();
+                        ids.sort_unstable();
+                        let ids = ids
+                            .iter()
+                            .map(|id| format!("{id:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        let reason = format!("no answer from the shared upstream within {ms} ms");
+                        let details = format!("the subscriptions {ids} were not set up: {reason}");
+                        self.shared_failure(now, details, &reason);
                     }
                     return;
                 }
@@ -1131,11 +1299,17 @@ impl Session {
                     Ok(Route::App { .. }) => self.hold_or_publish(now, frame),
                     Ok(route) => {
                         let mut frame = frame;
-                        if let Route::User { destination } = route {
-                            frame.set_header("destination", destination);
+                        if let Route::User { destination } = &route {
+                            frame.set_header("destination", destination.clone());
                         }
                         router::strip_identity_headers(&mut frame);
-                        self.emit_broker(now, frame)
+                        if self.sends_without_relay(&route, &frame) {
+                            // Over AMQP like an application SEND; the
+                            // resolved destination picks the target again.
+                            self.hold_or_publish(now, frame)
+                        } else {
+                            self.emit_broker(now, frame)
+                        }
                     }
                     Err(refusal) => self.refuse(now, refusal),
                 }
@@ -1210,19 +1384,27 @@ impl Session {
                 format!("too many subscriptions (limit {limit} per session)"),
             );
         }
-        match self
+        let route = match self
             .config
             .router
             .route(&self.principal, &self.principal(), &frame)
         {
-            Ok(Route::User { destination }) => {
-                // `/user/queue/x` becomes this session's own auto-delete
-                // queue bound to the user exchange with the user's key.
-                frame.set_header("destination", destination);
-                self.user_subscriptions.insert(key.clone(), dest);
-            }
-            Ok(_) => {}
+            Ok(route) => route,
             Err(refusal) => return self.refuse(now, refusal),
+        };
+        let resolved = match &route {
+            Route::User { destination } => destination.clone(),
+            _ => dest.clone(),
+        };
+        if self.shared_serves(&route, &resolved) && subscribes_without_own_queue(&frame) {
+            let receipt = frame.header("receipt").map(str::to_owned);
+            return self.subscribe_shared(now, key, resolved, dest, receipt);
+        }
+        if let Route::User { destination } = route {
+            // `/user/queue/x` becomes this session's own auto-delete
+            // queue bound to the user exchange with the user's key.
+            frame.set_header("destination", destination);
+            self.user_subscriptions.insert(key.clone(), dest);
         }
         self.subscriptions.insert(key);
         if self.config.router.control_plane() {
@@ -1231,6 +1413,90 @@ impl Session {
             frame.set_header("receipt", receipt);
         }
         self.emit_broker(now, frame);
+    }
+
+    /// Whether the shared path is configured to serve the (resolved)
+    /// `destination` of an allowed frame on `route`, and can (the STOMP
+    /// plugin's reading of it names an exchange).
+    fn shared_serves(&self, route: &Route, destination: &str) -> bool {
+        let paths = self.config.shared;
+        let on = match route {
+            Route::Relay => {
+                (paths.topic && destination.starts_with("/topic/"))
+                    || (paths.exchange && destination.starts_with("/exchange/"))
+            }
+            Route::User { .. } => paths.user && destination.starts_with("/exchange/"),
+            _ => false,
+        };
+        on && router::amqp_target(destination).is_some()
+    }
+
+    /// Whether a relay SEND (destination resolved, identity headers
+    /// stripped) is published over AMQP instead: the shared path serves its
+    /// destination, it is outside a transaction, and this session never
+    /// opened a relay leg (so nothing sent on one could be overtaken).
+    fn sends_without_relay(&self, route: &Route, frame: &Frame) -> bool {
+        frame.header("transaction").is_none()
+            && self.relay == Relay::Absent
+            && self.relay_connect.is_some()
+            && self.relay_queue.is_empty()
+            && self.shared_serves(route, frame.header("destination").unwrap_or_default())
+    }
+
+    /// A SUBSCRIBE the hub serves: the hub gets subscription `id` on `key`;
+    /// its receipt waits for the binding (and application SENDs after it
+    /// wait too, as behind a relayed SUBSCRIBE).
+    fn subscribe_shared(
+        &mut self,
+        now: Instant,
+        id: String,
+        key: String,
+        destination: String,
+        client_receipt: Option<String>,
+    ) {
+        self.subscriptions.insert(id.clone());
+        self.shared.insert(id.clone(), destination.clone());
+        // Taken whatever the control plane: a SEND published over AMQP
+        // without a relay leg must not overtake the binding either.
+        let barrier = self.barrier.subscribe(now, client_receipt.as_deref());
+        self.owed.shared_subscribes.insert(
+            id.clone(),
+            SharedReceipt {
+                barrier,
+                client: client_receipt,
+            },
+        );
+        self.actions.push_back(Action::Shared(ToShared::Subscribe {
+            id,
+            key,
+            destination,
+        }));
+    }
+
+    /// A shared SUBSCRIBE is settled: its receipt goes through the barrier
+    /// as a broker RECEIPT would (releasing the SENDs it held), or straight
+    /// to the client when the barrier stopped waiting for it.
+    fn shared_receipt(&mut self, now: Instant, pending: SharedReceipt) {
+        let receipt = Frame::new(Command::Receipt).with_header("receipt-id", pending.barrier);
+        if !self.subscribe_receipt(now, &receipt) {
+            if let Some(r) = pending.client {
+                self.emit_client(
+                    now,
+                    Frame::new(Command::Receipt).with_header("receipt-id", r),
+                );
+            }
+        }
+    }
+
+    /// ERROR `shared subscription failed` (body `details`), close both legs
+    /// as [`CloseReason::BrokerError`].
+    fn shared_failure(&mut self, now: Instant, details: String, reason: &str) {
+        self.emit_client(now, Frame::error("shared subscription failed", details));
+        self.close_broker_leg();
+        self.finish(
+            CloseReason::BrokerError(format!("shared subscription failed: {reason}")),
+            true,
+        );
     }
 
     /// An application SEND goes out now, or waits behind the SUBSCRIBEs
@@ -1299,6 +1565,24 @@ impl Session {
             }
         };
         if self.subscriptions.remove(&key) {
+            if self.shared.remove(&key).is_some() {
+                // Never to the relay leg: the hub removes it at once. A
+                // binding still pending owes nothing more: its SUBSCRIBE is
+                // answered first.
+                if let Some(pending) = self.owed.shared_subscribes.remove(&key) {
+                    self.shared_receipt(now, pending);
+                    if self.state != State::Connected {
+                        return;
+                    }
+                }
+                self.actions
+                    .push_back(Action::Shared(ToShared::Unsubscribe { id: key }));
+                if let Some(receipt) = frame.header("receipt") {
+                    let r = Frame::new(Command::Receipt).with_header("receipt-id", receipt);
+                    self.emit_client(now, r);
+                }
+                return;
+            }
             self.user_subscriptions.remove(&key);
             self.emit_broker(now, frame);
         } else if let Some(receipt) = frame.header("receipt") {
@@ -1309,15 +1593,20 @@ impl Session {
         }
     }
 
+    /// Publishes a SEND over AMQP: an application SEND, or a relay SEND
+    /// served without a relay leg (its destination already resolved).
     fn on_app_send(&mut self, now: Instant, frame: Frame) {
         let dest = frame.header("destination").unwrap_or_default().to_owned();
-        // Routed (and allowed) by the router before it was held.
-        let routing_key = self
-            .config
-            .router
-            .app_routing_key(&dest)
-            .unwrap_or_default();
-        if frame.header("transaction").is_some() {
+        // Routed (and allowed) by the router before it was held; the
+        // destination alone says which kind it is.
+        let (exchange, routing_key) = match self.config.router.app_routing_key(&dest) {
+            Some(key) => (None, key),
+            None => match router::amqp_target(&dest) {
+                Some((exchange, key)) => (Some(exchange), key),
+                None => (None, String::new()),
+            },
+        };
+        if exchange.is_none() && frame.header("transaction").is_some() {
             return self.client_error(
                 now,
                 "transactions are not supported for application destinations",
@@ -1340,6 +1629,7 @@ impl Session {
         self.owed.publishes.insert(id, receipt);
         self.actions.push_back(Action::App(AppPublish {
             id,
+            exchange,
             routing_key,
             destination: dest,
             content_type,
@@ -1497,10 +1787,13 @@ impl Session {
         );
     }
 
-    /// A closing waits for the relay leg's flush within the broker timeout,
-    /// and a drain within it in any case (publishes have their own timeout).
+    /// A closing waits for the relay leg's flush and the hub's answers to
+    /// shared SUBSCRIBEs within the broker timeout, and a drain within it in
+    /// any case (publishes have their own timeout).
     fn closing_deadline_applies(&self) -> bool {
-        self.owed.relay_flush.is_some() || self.state == State::Closing(Closing::Drain)
+        self.owed.relay_flush.is_some()
+            || !self.owed.shared_subscribes.is_empty()
+            || self.state == State::Closing(Closing::Drain)
     }
 
     fn finish(&mut self, reason: CloseReason, close_client: bool) {
@@ -1513,6 +1806,25 @@ impl Session {
         self.pending.clear();
         self.relay_queue.clear();
     }
+}
+
+/// Whether a SUBSCRIBE needs nothing of its own on the broker, so the hub
+/// can serve it: `ack` absent or `auto`, and none of the headers that ask
+/// for a queue of its own (`durable`, `persistent`, `auto-delete`,
+/// `exclusive`, `x-queue-name`, `selector`, any `x-` argument).
+fn subscribes_without_own_queue(frame: &Frame) -> bool {
+    matches!(frame.header("ack"), None | Some("auto"))
+        && !frame.headers.iter().any(|(k, _)| {
+            matches!(
+                k.as_str(),
+                "durable"
+                    | "persistent"
+                    | "auto-delete"
+                    | "exclusive"
+                    | "x-queue-name"
+                    | "selector"
+            ) || k.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+        })
 }
 
 /// Approximate wire size of a frame: body plus header text.
@@ -3140,5 +3452,602 @@ mod tests {
                 Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
             ]
         );
+    }
+
+    // ----- the shared path ----------------------------------------------
+
+    const ALL_SHARED: SharedPaths = SharedPaths {
+        topic: true,
+        exchange: true,
+        user: true,
+    };
+
+    /// No relay leg at CONNECT, the shared path on `paths`; with the control
+    /// plane, alice authenticates and may send to users.
+    fn shared_cfg(paths: SharedPaths, control_plane: bool) -> Arc<SessionConfig> {
+        let mut c = if control_plane {
+            (*cp_config(Some(Arc::new(TokenAuth)), true)).clone()
+        } else {
+            (*config()).clone()
+        };
+        c.open_relay_at_connect = false;
+        c.shared = paths;
+        Arc::new(c)
+    }
+
+    fn shared_session(t0: Instant, paths: SharedPaths, control_plane: bool) -> Session {
+        let mut s = Session::new(shared_cfg(paths, control_plane), "s5", t0);
+        let connect = connect_frame("0,0").with_header("token", "alice-token");
+        s.handle_client_frame(t0, connect);
+        let acts = drain(&mut s);
+        assert!(
+            matches!(acts.as_slice(), [Action::Client(ToClient::Frame(f))] if f.command == Command::Connected),
+            "{acts:?}"
+        );
+        s
+    }
+
+    fn sub_to(id: &str, destination: &str) -> Frame {
+        Frame::new(Command::Subscribe)
+            .with_header("id", id)
+            .with_header("destination", destination)
+    }
+
+    fn hub_subscribe(id: &str, key: &str, destination: &str) -> Action {
+        Action::Shared(ToShared::Subscribe {
+            id: id.into(),
+            key: key.into(),
+            destination: destination.into(),
+        })
+    }
+
+    fn client_receipt(id: &str) -> Action {
+        Action::Client(ToClient::Frame(receipt(id)))
+    }
+
+    #[test]
+    fn a_shared_subscribe_goes_to_the_hub_and_is_receipted_once_bound() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a").with_header("receipt", "r0"));
+        assert_eq!(
+            drain(&mut s),
+            vec![hub_subscribe("0", "/topic/a", "/topic/a")],
+            "no relay leg, no receipt yet"
+        );
+        assert_eq!(s.subscription_count(), 1);
+        assert_eq!(s.shared_subscription_count(), 1);
+        assert_eq!(s.poll_timeout(), None, "no leg, nothing held");
+        s.handle_shared_subscribed(t0, "nope");
+        assert!(drain(&mut s).is_empty(), "unknown id ignored");
+        s.handle_shared_subscribed(t0 + MS, "0");
+        assert_eq!(drain(&mut s), vec![client_receipt("r0")]);
+        s.handle_shared_subscribed(t0 + MS, "0");
+        assert!(drain(&mut s).is_empty(), "answered once");
+
+        // `ack:auto` said out loud, `/exchange/` with and without a pattern;
+        // without a receipt nothing reaches the client.
+        s.handle_client_frame(
+            t0,
+            sub_to("1", "/exchange/adme.exchange/room.*").with_header("ack", "auto"),
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![hub_subscribe(
+                "1",
+                "/exchange/adme.exchange/room.*",
+                "/exchange/adme.exchange/room.*"
+            )]
+        );
+        s.handle_shared_subscribed(t0, "1");
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.shared_subscription_count(), 2);
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn subscriptions_that_need_broker_state_take_the_relay_leg() {
+        let t0 = Instant::now();
+        let topic_with = |k: &str, v: &str| sub_to("0", "/topic/a").with_header(k, v);
+        let cases = [
+            topic_with("ack", "client"),
+            topic_with("ack", "client-individual"),
+            topic_with("durable", "true"),
+            topic_with("persistent", "true"),
+            topic_with("auto-delete", "false"),
+            topic_with("exclusive", "true"),
+            topic_with("x-queue-name", "mine"),
+            topic_with("selector", "a = 1"),
+            topic_with("x-max-length", "10"),
+            topic_with("X-Message-TTL", "10"),
+            sub_to("0", "/queue/q"),
+            sub_to("0", "/amq/queue/q"),
+            sub_to("0", "/temp-queue/t"),
+            sub_to("0", "/reply-queue/r"),
+            // Forms RabbitMQ refuses keep getting its own answer.
+            sub_to("0", "/topic/a/b"),
+            sub_to("0", "/exchange//k"),
+            sub_to("0", "/exchange/x/a/b"),
+        ];
+        for sub in cases {
+            let mut s = shared_session(t0, ALL_SHARED, false);
+            s.handle_client_frame(t0, sub.clone());
+            let acts = drain(&mut s);
+            assert!(
+                matches!(acts.as_slice(), [Action::Relay(ToRelay::Open(_))]),
+                "{sub:?}: {acts:?}"
+            );
+            assert_eq!(s.subscription_count(), 1);
+            assert_eq!(s.shared_subscription_count(), 0);
+            relay_connected(&mut s, t0);
+            assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(sub))]);
+        }
+    }
+
+    #[test]
+    fn each_shared_path_flag_serves_its_own_prefix_only() {
+        let t0 = Instant::now();
+        let flags = [
+            SharedPaths {
+                topic: true,
+                ..SharedPaths::default()
+            },
+            SharedPaths {
+                exchange: true,
+                ..SharedPaths::default()
+            },
+            SharedPaths {
+                user: true,
+                ..SharedPaths::default()
+            },
+            SharedPaths::default(),
+        ];
+        for paths in flags {
+            for (dest, served) in [
+                ("/topic/a", paths.topic),
+                ("/exchange/x/p", paths.exchange),
+                ("/user/queue/n", paths.user),
+            ] {
+                let mut s = shared_session(t0, paths, true);
+                s.handle_client_frame(t0, sub_to("0", dest));
+                let acts = drain(&mut s);
+                if served {
+                    assert!(
+                        matches!(
+                            acts.as_slice(),
+                            [Action::Shared(ToShared::Subscribe { .. })]
+                        ),
+                        "{paths:?} {dest}: {acts:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(acts.as_slice(), [Action::Relay(ToRelay::Open(_))]),
+                        "{paths:?} {dest}: {acts:?}"
+                    );
+                }
+                assert_eq!(s.shared_subscription_count(), usize::from(served));
+            }
+        }
+    }
+
+    #[test]
+    fn a_shared_user_subscription_is_keyed_by_the_users_routing_key() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, true);
+        s.handle_client_frame(t0, sub_to("n", "/user/queue/notifications"));
+        assert_eq!(
+            drain(&mut s),
+            vec![hub_subscribe(
+                "n",
+                "/exchange/stomp.user/alice.queue.notifications",
+                "/user/queue/notifications"
+            )]
+        );
+    }
+
+    #[test]
+    fn unsubscribing_a_shared_subscription_answers_at_once() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a"));
+        s.handle_shared_subscribed(t0, "0");
+        drain(&mut s);
+        let unsub = Frame::new(Command::Unsubscribe)
+            .with_header("id", "0")
+            .with_header("receipt", "u0");
+        s.handle_client_frame(t0, unsub.clone());
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Shared(ToShared::Unsubscribe { id: "0".into() }),
+                client_receipt("u0")
+            ],
+            "never to a relay leg"
+        );
+        assert_eq!(s.subscription_count(), 0);
+        assert_eq!(s.shared_subscription_count(), 0);
+        // Late answers for it are ignored; so is losing what it no longer has.
+        s.handle_shared_subscribed(t0, "0");
+        s.handle_shared_failed(t0, "0", "gone");
+        s.handle_shared_lost(t0, "gap");
+        assert!(drain(&mut s).is_empty());
+        assert!(!s.is_closed());
+
+        // Unsubscribed before it was bound: its SUBSCRIBE is answered first.
+        s.handle_client_frame(t0, sub_to("1", "/topic/b").with_header("receipt", "r1"));
+        drain(&mut s);
+        let mut unsub = unsub;
+        unsub.set_header("id", "1");
+        s.handle_client_frame(t0, unsub);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                client_receipt("r1"),
+                Action::Shared(ToShared::Unsubscribe { id: "1".into() }),
+                client_receipt("u0")
+            ]
+        );
+        s.handle_shared_subscribed(t0, "1");
+        assert!(drain(&mut s).is_empty());
+        // The id may be used again.
+        s.handle_client_frame(t0, sub_to("1", "/topic/b"));
+        assert_eq!(
+            drain(&mut s),
+            vec![hub_subscribe("1", "/topic/b", "/topic/b")]
+        );
+    }
+
+    #[test]
+    fn subscription_ids_and_the_limit_are_shared_by_both_paths() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("a", "/topic/a"));
+        drain(&mut s);
+        s.handle_client_frame(t0, sub_to("a", "/queue/q"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "Duplicated subscription identifier");
+
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("b", "/queue/q"));
+        drain(&mut s);
+        s.handle_client_frame(t0, sub_to("b", "/topic/a"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "Duplicated subscription identifier");
+
+        // max_subscriptions is 2 in the test configuration.
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("a", "/topic/a"));
+        s.handle_client_frame(t0, sub_to("b", "/queue/q"));
+        drain(&mut s);
+        assert_eq!(s.subscription_count(), 2);
+        s.handle_client_frame(t0, sub_to("c", "/topic/c"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "Limit exceeded: session.max_subscriptions");
+    }
+
+    fn app_publish(acts: &[Action]) -> &AppPublish {
+        match acts {
+            [Action::App(p)] => p,
+            other => panic!("one AMQP publish: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_send_without_a_relay_leg_is_published_over_amqp() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, true);
+        let send = Frame::new(Command::Send)
+            .with_header("destination", "/topic/room.42")
+            .with_header("receipt", "s1")
+            .with_header("content-type", "text/plain")
+            .with_header("persistent", "true")
+            .with_header("user-id", "alice")
+            .with_header("stomp-user", "admin")
+            .with_body("hi");
+        s.handle_client_frame(t0, send);
+        let acts = drain(&mut s);
+        let p = app_publish(&acts).clone();
+        assert_eq!(p.exchange.as_deref(), Some("amq.topic"));
+        assert_eq!(p.routing_key, "room.42");
+        assert_eq!(p.destination, "/topic/room.42");
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(p.headers, vec![("persistent".into(), "true".into())]);
+        assert_eq!(&p.body[..], b"hi");
+        assert_eq!(s.inflight_publishes(), 1);
+        s.handle_publish_result(t0, p.id, Ok(()));
+        assert_eq!(drain(&mut s), vec![client_receipt("s1")]);
+
+        let send = |d: &str| Frame::new(Command::Send).with_header("destination", d);
+        s.handle_client_frame(t0, send("/exchange/adme.exchange/room.42"));
+        let acts = drain(&mut s);
+        let p = app_publish(&acts);
+        assert_eq!(
+            (p.exchange.as_deref(), p.routing_key.as_str()),
+            (Some("adme.exchange"), "room.42")
+        );
+        s.handle_client_frame(t0, send("/user/bob/queue/x"));
+        let acts = drain(&mut s);
+        let p = app_publish(&acts);
+        assert_eq!(p.exchange.as_deref(), Some("stomp.user"));
+        assert_eq!(p.routing_key, "bob.queue.x");
+        assert_eq!(p.destination, "/exchange/stomp.user/bob.queue.x");
+        // The same in-flight limit as application SENDs (2 here).
+        s.handle_client_frame(t0, send("/topic/a"));
+        let (msg, _) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "Limit exceeded: app.max_inflight_per_session");
+    }
+
+    #[test]
+    fn sends_take_the_relay_leg_once_it_is_opened_or_in_a_transaction() {
+        let t0 = Instant::now();
+        let send = Frame::new(Command::Send).with_header("destination", "/topic/a");
+        // A transaction needs the relay leg even before it is opened.
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        let in_tx = send.clone().with_header("transaction", "t1");
+        s.handle_client_frame(t0, in_tx.clone());
+        let acts = drain(&mut s);
+        assert!(
+            matches!(acts.as_slice(), [Action::Relay(ToRelay::Open(_))]),
+            "{acts:?}"
+        );
+        // Opening, then open: relayed, in order with what came before.
+        s.handle_client_frame(t0, send.clone());
+        assert!(drain(&mut s).is_empty(), "held while the leg opens");
+        relay_connected(&mut s, t0);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::Relay(ToRelay::Frame(in_tx)),
+                Action::Relay(ToRelay::Frame(send.clone()))
+            ]
+        );
+        s.handle_client_frame(t0, send.clone());
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Relay(ToRelay::Frame(send.clone()))]
+        );
+        // Shared SUBSCRIBEs still go to the hub.
+        s.handle_client_frame(t0, sub_to("0", "/topic/a"));
+        assert_eq!(
+            drain(&mut s),
+            vec![hub_subscribe("0", "/topic/a", "/topic/a")]
+        );
+
+        // With the leg opened at CONNECT, every SEND is relayed.
+        let mut cfg = (*config()).clone();
+        cfg.shared = ALL_SHARED;
+        let mut s = Session::new(Arc::new(cfg), "s6", t0);
+        s.handle_client_frame(t0, connect_frame("0,0"));
+        relay_connected(&mut s, t0);
+        drain(&mut s);
+        s.handle_client_frame(t0, send.clone());
+        assert_eq!(drain(&mut s), vec![Action::Relay(ToRelay::Frame(send))]);
+        // Without the shared path on a prefix, as before.
+        let mut s = shared_session(t0, SharedPaths::default(), false);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Send).with_header("destination", "/topic/a"),
+        );
+        let acts = drain(&mut s);
+        assert!(
+            matches!(acts.as_slice(), [Action::Relay(ToRelay::Open(_))]),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn amqp_sends_wait_for_the_shared_subscribes_before_them() {
+        let t0 = Instant::now();
+        for control_plane in [true, false] {
+            let mut s = shared_session(t0, ALL_SHARED, control_plane);
+            s.handle_client_frame(t0, sub_to("0", "/topic/a"));
+            drain(&mut s);
+            if control_plane {
+                s.handle_client_frame(t0, app_send("app"));
+            }
+            s.handle_client_frame(
+                t0,
+                Frame::new(Command::Send)
+                    .with_header("destination", "/topic/a")
+                    .with_body("topic"),
+            );
+            assert!(drain(&mut s).is_empty(), "held behind the binding");
+            assert_eq!(s.poll_timeout(), Some(t0 + 4_000 * MS));
+            s.handle_shared_subscribed(t0 + MS, "0");
+            let acts = drain(&mut s);
+            let published: Vec<(Option<&str>, &[u8])> = acts
+                .iter()
+                .map(|a| match a {
+                    Action::App(p) => (p.exchange.as_deref(), &p.body[..]),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            if control_plane {
+                assert_eq!(
+                    published,
+                    [(None, &b"app"[..]), (Some("amq.topic"), &b"topic"[..])]
+                );
+            } else {
+                assert_eq!(published, [(Some("amq.topic"), &b"topic"[..])]);
+            }
+        }
+
+        // The client's receipt comes first; a binding slower than the
+        // broker timeout stops holding, and its receipt still comes later.
+        let mut s = shared_session(t0, ALL_SHARED, true);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a").with_header("receipt", "r0"));
+        s.handle_client_frame(t0, sub_to("1", "/topic/b").with_header("receipt", "r1"));
+        s.handle_client_frame(t0, app_send("x"));
+        drain(&mut s);
+        s.handle_shared_subscribed(t0, "0");
+        assert_eq!(drain(&mut s), vec![client_receipt("r0")], "r1 still holds");
+        s.handle_timeout(t0 + 4_000 * MS);
+        let acts = drain(&mut s);
+        assert!(app_publish(&acts).exchange.is_none(), "{acts:?}");
+        s.handle_shared_subscribed(t0 + 5_000 * MS, "1");
+        assert_eq!(drain(&mut s), vec![client_receipt("r1")]);
+    }
+
+    #[test]
+    fn disconnect_and_drain_wait_for_pending_shared_subscribes() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a").with_header("receipt", "r0"));
+        drain(&mut s);
+        s.handle_client_frame(
+            t0 + MS,
+            Frame::new(Command::Disconnect).with_header("receipt", "bye"),
+        );
+        assert!(drain(&mut s).is_empty(), "the binding is owed");
+        assert_eq!(s.poll_timeout(), Some(t0 + MS + 4_000 * MS));
+        s.handle_shared_subscribed(t0 + 2 * MS, "0");
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                client_receipt("r0"),
+                client_receipt("bye"),
+                Action::Client(ToClient::Close(CloseReason::ClientDisconnect))
+            ]
+        );
+
+        // A binding that never answers: the closing gives up after the
+        // broker timeout, with an ERROR instead of the DISCONNECT receipt.
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Disconnect).with_header("receipt", "bye"),
+        );
+        drain(&mut s);
+        s.handle_timeout(t0 + 4_000 * MS);
+        let acts = drain(&mut s);
+        assert!(!acts.contains(&client_receipt("bye")), "{acts:?}");
+        let (msg, reason) = error_then_close(&acts);
+        assert_eq!(msg, "shared subscription failed");
+        assert_eq!(reason.ws_code(), 1011);
+
+        // Also without a receipt and with a relay leg open (which owes no
+        // flush then): the leg is closed with the session.
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("q", "/queue/q"));
+        relay_connected(&mut s, t0);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a"));
+        s.handle_client_frame(t0, Frame::new(Command::Disconnect));
+        drain(&mut s);
+        assert_eq!(s.poll_timeout(), Some(t0 + 4_000 * MS));
+        s.handle_timeout(t0 + 4_000 * MS);
+        let acts = drain(&mut s);
+        assert!(acts.contains(&Action::Relay(ToRelay::Close)), "{acts:?}");
+        let (msg, body) = error_parts(&acts);
+        assert_eq!(msg, "shared subscription failed");
+        assert!(body.contains("\"0\""), "{body}");
+
+        // A drain too, then its usual ERROR.
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a").with_header("receipt", "r0"));
+        drain(&mut s);
+        s.handle_drain(t0);
+        assert!(drain(&mut s).is_empty());
+        s.handle_shared_subscribed(t0, "0");
+        let acts = drain(&mut s);
+        assert_eq!(acts[0], client_receipt("r0"));
+        assert_eq!(error_then_close(&acts).1, CloseReason::Shutdown);
+    }
+
+    #[test]
+    fn a_failed_shared_subscription_ends_the_session_with_1011() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/exchange/nope/k"));
+        s.handle_client_frame(t0, sub_to("1", "/queue/q"));
+        relay_connected(&mut s, t0);
+        drain(&mut s);
+        s.handle_shared_failed(t0, "1", "not mine");
+        assert!(
+            drain(&mut s).is_empty(),
+            "a relay subscription is not the hub's"
+        );
+        s.handle_shared_failed(t0, "0", "NOT_FOUND - no exchange 'nope' in vhost '/'");
+        let acts = drain(&mut s);
+        assert!(
+            acts.contains(&Action::Relay(ToRelay::Close)),
+            "the relay leg closes too: {acts:?}"
+        );
+        let (msg, body) = error_parts(&acts);
+        assert_eq!(msg, "shared subscription failed");
+        assert!(body.contains("/exchange/nope/k"), "{body}");
+        assert!(body.contains("no exchange 'nope'"), "{body}");
+        let (_, reason) = error_then_close(&acts);
+        assert!(matches!(reason, CloseReason::BrokerError(_)), "{reason:?}");
+        assert_eq!(reason.ws_code(), 1011);
+        assert!(s.is_closed());
+        s.handle_shared_failed(t0, "0", "again");
+        assert!(drain(&mut s).is_empty());
+
+        // While closing it finishes the close the same way.
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a"));
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Disconnect).with_header("receipt", "bye"),
+        );
+        drain(&mut s);
+        s.handle_shared_failed(t0, "0", "upstream down");
+        let (msg, reason) = error_then_close(&drain(&mut s));
+        assert_eq!(msg, "shared subscription failed");
+        assert_eq!(reason.ws_code(), 1011);
+    }
+
+    #[test]
+    fn a_slow_consumer_is_closed_with_1008() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("q", "/queue/q"));
+        relay_connected(&mut s, t0);
+        drain(&mut s);
+        s.handle_slow_consumer(t0, "more than 1048576 bytes queued");
+        let acts = drain(&mut s);
+        assert!(acts.contains(&Action::Relay(ToRelay::Close)), "{acts:?}");
+        let (msg, body) = error_parts(&acts);
+        assert_eq!(msg, "slow consumer");
+        assert_eq!(body, "more than 1048576 bytes queued");
+        let (_, reason) = error_then_close(&acts);
+        assert_eq!(
+            reason,
+            CloseReason::SlowConsumer("more than 1048576 bytes queued".into())
+        );
+        assert_eq!(reason.ws_code(), 1008);
+        assert_eq!(
+            reason.to_string(),
+            "slow consumer: more than 1048576 bytes queued"
+        );
+        s.handle_slow_consumer(t0, "again");
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[test]
+    fn a_shared_gap_closes_only_sessions_with_shared_subscriptions() {
+        let t0 = Instant::now();
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_shared_lost(t0, "reconnect and resubscribe");
+        assert!(drain(&mut s).is_empty());
+        s.handle_client_frame(t0, sub_to("q", "/queue/q"));
+        drain(&mut s);
+        s.handle_shared_lost(t0, "reconnect and resubscribe");
+        assert!(drain(&mut s).is_empty(), "relay subscriptions lose nothing");
+        assert!(!s.is_closed());
+
+        let mut s = shared_session(t0, ALL_SHARED, false);
+        s.handle_client_frame(t0, sub_to("0", "/topic/a"));
+        s.handle_shared_subscribed(t0, "0");
+        drain(&mut s);
+        s.handle_shared_lost(t0, "messages were lost; reconnect and resubscribe");
+        let acts = drain(&mut s);
+        let (msg, body) = error_parts(&acts);
+        assert_eq!(msg, "shared subscription interrupted");
+        assert_eq!(body, "messages were lost; reconnect and resubscribe");
+        let (_, reason) = error_then_close(&acts);
+        assert!(matches!(reason, CloseReason::BrokerLost(_)), "{reason:?}");
+        assert_eq!(reason.ws_code(), 1011);
     }
 }
