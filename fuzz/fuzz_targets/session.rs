@@ -4,7 +4,9 @@
 //! (a client or broker frame built from a table of relevant commands and
 //! header names with fuzzed values, a clock advance, a broker failure, a
 //! publish confirm, a drain, a half-sent frame, a WebSocket violation, an
-//! oversized broker frame, ...). Limits are small so they are reached. Checks: no panic; nothing happens after
+//! oversized broker frame, a shared subscription bound or refused, a slow
+//! consumer, a lost upstream, ...). The first byte picks whether the shared
+//! path is on. Limits are small so they are reached. Checks: no panic; nothing happens after
 //! the session closed; a client close action closes the session; a timer
 //! fired at its deadline never asks to be fired again at the same instant;
 //! one input never produces an unbounded amount of output.
@@ -13,7 +15,7 @@
 use libfuzzer_sys::fuzz_target;
 use relay_core::heartbeat::HeartBeat;
 use relay_core::router::Router;
-use relay_core::session::{Action, Session, SessionConfig, ToClient};
+use relay_core::session::{Action, Session, SessionConfig, SharedPaths, ToClient, ToShared};
 use relay_core::{Command, DecodeError, Frame};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +42,7 @@ const BROKER: [Command; 5] = [
     Command::Error,
     Command::Send,
 ];
-const NAMES: [&str; 16] = [
+const NAMES: [&str; 17] = [
     "destination",
     "id",
     "receipt",
@@ -55,6 +57,7 @@ const NAMES: [&str; 16] = [
     "version",
     "host",
     "x-custom",
+    "durable",
     "stomp-user",
     "content-length",
 ];
@@ -106,8 +109,14 @@ impl Input<'_> {
     }
 }
 
-fn config() -> Arc<SessionConfig> {
+fn config(shared: bool) -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
+        shared: SharedPaths {
+            topic: shared,
+            exchange: shared,
+            user: shared,
+        },
+        open_relay_at_connect: !shared,
         client_heartbeat: HeartBeat::new(1_000, 1_000),
         broker_heartbeat: HeartBeat::new(2_000, 2_000),
         connect_timeout: Duration::from_secs(3),
@@ -134,9 +143,11 @@ fn config() -> Arc<SessionConfig> {
 fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
     let mut now = t0;
-    let mut s = Session::new(config(), "fz", now);
     let mut input = Input(data);
+    let shared = input.byte().is_some_and(|b| b & 1 == 1);
+    let mut s = Session::new(config(shared), "fz", now);
     let mut publishes: Vec<u64> = Vec::new();
+    let mut binds: Vec<String> = Vec::new();
     let mut steps = 0;
     while let Some(op) = input.byte() {
         steps += 1;
@@ -144,7 +155,7 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         let was_closed = s.is_closed();
-        match op % 15 {
+        match op % 19 {
             0 | 1 => {
                 let Some(f) = input.frame(&CLIENT) else { break };
                 s.handle_client_frame(now, f);
@@ -159,7 +170,7 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(t) = s.poll_timeout() {
                     if t <= now {
                         s.handle_timeout(t);
-                        drain(&mut s, &mut publishes, was_closed);
+                        drain(&mut s, &mut publishes, &mut binds, was_closed);
                         if let Some(u) = s.poll_timeout() {
                             assert!(u > t || s.is_closed(), "timer at {t:?} re-armed at {u:?}");
                         }
@@ -189,16 +200,29 @@ fuzz_target!(|data: &[u8]| {
             }
             12 => s.handle_client_websocket_error(now, 1002, "Invalid frame", "fuzz", None),
             13 => s.handle_broker_frame_too_large(now, 65_536),
+            14 | 15 => {
+                let Some(b) = input.byte() else { break };
+                if let Some(id) = binds.pop() {
+                    if b & 1 == 0 {
+                        s.handle_shared_subscribed(now, &id);
+                    } else {
+                        s.handle_shared_failed(now, &id, "refused");
+                    }
+                }
+            }
+            16 => s.handle_slow_consumer(now, "fuzz"),
+            17 => s.handle_shared_lost(now, "fuzz"),
             _ => {
                 s.handle_client_activity(now);
                 s.handle_broker_activity(now);
             }
         }
-        drain(&mut s, &mut publishes, was_closed);
+        drain(&mut s, &mut publishes, &mut binds, was_closed);
+        assert!(s.shared_subscription_count() <= s.subscription_count());
     }
 });
 
-fn drain(s: &mut Session, publishes: &mut Vec<u64>, was_closed: bool) {
+fn drain(s: &mut Session, publishes: &mut Vec<u64>, binds: &mut Vec<String>, was_closed: bool) {
     let mut n = 0;
     while let Some(a) = s.poll_action() {
         n += 1;
@@ -207,6 +231,7 @@ fn drain(s: &mut Session, publishes: &mut Vec<u64>, was_closed: bool) {
         match a {
             Action::Client(ToClient::Close(_)) => assert!(s.is_closed()),
             Action::App(p) => publishes.push(p.id),
+            Action::Shared(ToShared::Subscribe { id, .. }) => binds.push(id),
             _ => {}
         }
     }

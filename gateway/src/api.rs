@@ -309,6 +309,7 @@ fn build(
         body,
         mandatory,
         persistent: request.persistent,
+        properties: None,
     })
 }
 

@@ -19,29 +19,30 @@
 //! reading the client. Every input produces a bounded amount of output, so
 //! nothing grows without bound in either direction.
 
-use crate::amqp::{OutboundMessage, PublishError};
+use crate::amqp::{OutboundMessage, PublishError, Sequence};
 use crate::broker::{BrokerError, BrokerReadHalf, BrokerStream, BrokerWriteHalf, FrameReader};
 use crate::broker_side::OpenLeg;
-use crate::config::MessageType;
+use crate::fanout::mapping;
 use crate::metrics::{GaugeGuard, GaugeShare};
+use crate::outlet::{ws_message, ClientOut, Outlet, Queue};
 use crate::state::{SessionSlot, Shared};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, SplitSink, StreamExt};
 use futures_util::{FutureExt, Sink, SinkExt, Stream};
 use relay_core::codec::{encode_to_bytes, HEARTBEAT};
-use relay_core::session::{Action, AppPublish, CloseReason, Session, ToClient, ToRelay};
+use relay_core::hub::SessionKey;
+use relay_core::session::{Action, AppPublish, CloseReason, Session, ToClient, ToRelay, ToShared};
 use relay_core::{Command, Decoder, Frame, Item, Version};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 /// Broker frames handled per wake-up before other work gets a turn.
@@ -51,48 +52,6 @@ const CLIENT_BURST: usize = 64;
 
 /// How long the writers get to flush the last frames after the session ended.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Bytes queued for one writer task and not yet written, plus whether it failed.
-#[derive(Debug)]
-struct Queue {
-    bytes: AtomicUsize,
-    failed: AtomicBool,
-    wake: Arc<Notify>,
-}
-
-impl Queue {
-    fn new(wake: Arc<Notify>) -> Arc<Queue> {
-        Arc::new(Queue {
-            bytes: AtomicUsize::new(0),
-            failed: AtomicBool::new(false),
-            wake,
-        })
-    }
-    fn add(&self, n: usize) {
-        self.bytes.fetch_add(n, Ordering::Relaxed);
-    }
-    fn done(&self, n: usize) {
-        self.bytes.fetch_sub(n, Ordering::Relaxed);
-        self.wake.notify_one();
-    }
-    fn fail(&self) {
-        self.failed.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
-    }
-    fn len(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
-    }
-    fn has_failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
-    }
-}
-
-enum ClientOut {
-    /// A message, its length, and when the broker frame it carries was read
-    /// (for the relay latency; `None` for what the gateway says itself).
-    Message(Message, usize, Option<Instant>),
-    Close(u16, String),
-}
 
 enum BrokerOut {
     /// Bytes, and when the client frames in them were read and how many
@@ -112,6 +71,7 @@ struct BrokerLeg {
 }
 
 type PublishFuture = Pin<Box<dyn Future<Output = (u64, Result<(), PublishError>)> + Send>>;
+type BindFuture = Pin<Box<dyn Future<Output = (String, Result<(), String>)> + Send>>;
 
 /// The client side of a session: messages in, messages out, and a close
 /// with code and reason (`Message::Close`). A WebSocket is one; a SockJS
@@ -145,13 +105,14 @@ pub async fn run<T: ClientTransport>(
     let started = Instant::now();
     let _open = GaugeGuard::new(shared.metrics.sessions_open(transport));
     // The path serving this session's subscriptions: the embedded broker's
-    // hub, or the per-session relay leg (the shared path is not wired yet).
+    // hub, or the relay leg, and the shared path for those it serves.
     let path = if shared.embedded.is_some() {
         "embedded"
     } else {
         "relay"
     };
     let mut subscriptions = GaugeShare::new(shared.metrics.subscriptions_open(path));
+    let mut shared_subscriptions = GaugeShare::new(shared.metrics.subscriptions_open("shared"));
     info!(pod = %shared.pod, session = %id, %peer, subprotocol = subprotocol.map(|v| v.subprotocol()), "session opened");
 
     let wake = Arc::new(Notify::new());
@@ -177,6 +138,12 @@ pub async fn run<T: ClientTransport>(
         closing_brokers: Vec::new(),
         broker_address: None,
         publishes: FuturesUnordered::new(),
+        fanout_key: None,
+        publish_key: rand::random(),
+        last_publish: None,
+        shared_binds: FuturesUnordered::new(),
+        slow_seen: false,
+        lost_seen: false,
         broker_pending: BytesMut::new(),
         pending_timing: None,
         client_read_at: None,
@@ -204,8 +171,10 @@ pub async fn run<T: ClientTransport>(
     while !d.session.is_closed() {
         let client_full = d.client_queue.len() >= limit;
         let broker_full = d.broker.as_ref().is_some_and(|b| b.queue.len() >= limit);
-        let read_client =
-            !client_full && !broker_full && d.session.inflight_publishes() < publish_gate;
+        let read_client = !client_full
+            && !broker_full
+            && d.session.inflight_publishes() < publish_gate
+            && !d.session.holds_relay_frames();
         let read_broker = d.broker.is_some() && !client_full;
         if client_full && !was_full {
             shared.metrics.backpressure_pauses.inc();
@@ -242,7 +211,8 @@ pub async fn run<T: ClientTransport>(
                         && d.broker
                             .as_ref()
                             .is_none_or(|b| b.queue.len() + d.broker_pending.len() < limit)
-                        && d.session.inflight_publishes() < publish_gate;
+                        && d.session.inflight_publishes() < publish_gate
+                        && !d.session.holds_relay_frames();
                     if !open {
                         break;
                     }
@@ -269,6 +239,13 @@ pub async fn run<T: ClientTransport>(
                 }
                 d.session.handle_publish_result(Instant::now(), id, res.map_err(|e| e.to_string()));
             }
+            Some((id, res)) = d.shared_binds.next(), if !d.shared_binds.is_empty() => {
+                let now = Instant::now();
+                match res {
+                    Ok(()) => d.session.handle_shared_subscribed(now, &id),
+                    Err(reason) => d.session.handle_shared_failed(now, &id, &reason),
+                }
+            }
             res = poll_connect(&mut d.connecting), if d.connecting.is_some() => {
                 d.connecting = None;
                 d.on_broker_connected(res);
@@ -277,6 +254,7 @@ pub async fn run<T: ClientTransport>(
                 if d.client_queue.has_failed() {
                     d.session.handle_client_closed(Instant::now());
                 }
+                d.check_outlet();
                 if d.broker.as_ref().is_some_and(|b| b.queue.has_failed()) {
                     d.broker = None;
                     d.broker_pending.clear();
@@ -295,10 +273,16 @@ pub async fn run<T: ClientTransport>(
         }
         d.run_actions();
         d.flush_broker();
-        subscriptions.set(d.session.subscription_count());
+        let on_shared = d.session.shared_subscription_count();
+        subscriptions.set(d.session.subscription_count().saturating_sub(on_shared));
+        shared_subscriptions.set(on_shared);
     }
     d.flush_broker();
     drop(subscriptions);
+    drop(shared_subscriptions);
+    if let (Some(fanout), Some(key)) = (&shared.fanout, d.fanout_key.take()) {
+        fanout.detach(key);
+    }
 
     // Let the writers flush the last frames (an ERROR, a RECEIPT) before the
     // sockets close.
@@ -366,6 +350,17 @@ struct Driver {
     broker_address: Option<String>,
     /// Application publishes awaiting their confirm.
     publishes: FuturesUnordered<PublishFuture>,
+    /// This session in the shared fan-out, once it subscribed there.
+    fanout_key: Option<SessionKey>,
+    /// Picks this session's AMQP publish channel, and the previous
+    /// publish's hand-off: its SENDs reach RabbitMQ in order.
+    publish_key: u64,
+    last_publish: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Shared subscriptions waiting for their upstream binding.
+    shared_binds: FuturesUnordered<BindFuture>,
+    /// Whether the slow-consumer / upstream-loss verdicts were handled.
+    slow_seen: bool,
+    lost_seen: bool,
     /// Bytes for the broker queued during this loop turn.
     broker_pending: BytesMut,
     /// When the first client frame in `broker_pending` was read, and how
@@ -538,6 +533,7 @@ impl Driver {
                 Action::Client(a) => self.on_client_action(a),
                 Action::Relay(a) => self.on_relay_action(a),
                 Action::App(publish) => self.publish(publish),
+                Action::Shared(a) => self.on_shared_action(a),
             }
         }
         // What the next actions answer was read later.
@@ -619,9 +615,122 @@ impl Driver {
         }
     }
 
-    /// Publishes a client SEND to the application exchange; the session
-    /// hears the confirm (or the refusal) through `handle_publish_result`.
+    /// Hands a shared subscription change to the pod's fan-out.
+    fn on_shared_action(&mut self, action: ToShared) {
+        let Some(fanout) = self.shared.fanout.clone() else {
+            // The session core only emits these when the shared path is on.
+            if let ToShared::Subscribe { id, .. } = action {
+                let now = Instant::now();
+                self.session.handle_shared_failed(
+                    now,
+                    &id,
+                    "the shared path is off on this gateway",
+                );
+            }
+            return;
+        };
+        match action {
+            ToShared::Subscribe {
+                id,
+                key,
+                destination,
+            } => {
+                let session = match self.fanout_key {
+                    Some(k) => k,
+                    None => {
+                        let outlet = Outlet::new(
+                            self.client_tx.clone(),
+                            self.client_queue.clone(),
+                            self.session.client_version(),
+                            self.shared.message_type,
+                        );
+                        let k = fanout.attach(outlet);
+                        self.fanout_key = Some(k);
+                        k
+                    }
+                };
+                self.shared_binds.push(Box::pin(async move {
+                    let res = fanout.subscribe(session, &id, &key, &destination).await;
+                    (id, res)
+                }));
+            }
+            ToShared::Unsubscribe { id } => {
+                if let Some(k) = self.fanout_key {
+                    fanout.unsubscribe(k, &id);
+                }
+            }
+        }
+    }
+
+    /// Acts on what the shared fan-out marked on this session's outlet: a
+    /// slow consumer, or messages lost with the upstream.
+    fn check_outlet(&mut self) {
+        let now = Instant::now();
+        if !self.slow_seen && self.client_queue.is_slow() {
+            self.slow_seen = true;
+            let hub = &self.shared.config.hub;
+            let details = format!(
+                "this session did not read its messages fast enough (more than {} bytes queued, \
+                 or none written for {} ms: hub.max_queued_bytes, hub.max_queued_ms); \
+                 reconnect and resubscribe",
+                hub.max_queued_bytes, hub.max_queued_ms
+            );
+            if let (Some(fanout), Some(key)) = (&self.shared.fanout, self.fanout_key.take()) {
+                fanout.detach(key);
+            }
+            self.session.handle_slow_consumer(now, &details);
+        }
+        if !self.lost_seen && self.client_queue.is_lost() {
+            self.lost_seen = true;
+            self.session.handle_shared_lost(
+                now,
+                "the gateway lost its connection to RabbitMQ: messages published meanwhile \
+                 were not delivered (fanout.on_upstream_loss = \"close\"); reconnect and resubscribe",
+            );
+        }
+    }
+
+    /// Publishes a client SEND over AMQP: an application SEND to the
+    /// application exchange, or a relayed SEND of a session with no relay
+    /// leg to its exchange, mapped as RabbitMQ's STOMP plugin maps it. The
+    /// session hears the confirm (or the refusal) through
+    /// `handle_publish_result`.
     fn publish(&mut self, p: AppPublish) {
+        if let Some(exchange) = p.exchange {
+            let mut headers = p.headers;
+            if let Some(ct) = p.content_type {
+                headers.insert(0, ("content-type".into(), ct));
+            }
+            let id = p.id;
+            let properties = match mapping::send_properties(&headers) {
+                Ok(props) => props,
+                Err(e) => {
+                    let err = PublishError::Rejected(e.to_string());
+                    self.publishes.push(Box::pin(async move { (id, Err(err)) }));
+                    return;
+                }
+            };
+            let msg = OutboundMessage {
+                exchange,
+                routing_key: p.routing_key,
+                headers: Vec::new(),
+                content_type: None,
+                message_id: None,
+                body: p.body,
+                // A SEND to a topic nobody listens on is dropped, as the
+                // STOMP plugin does.
+                mandatory: false,
+                persistent: false,
+                properties: Some(properties),
+            };
+            let control = self.shared.control.clone();
+            let seq = Sequence::next(self.publish_key, &mut self.last_publish);
+            self.publishes.push(Box::pin(async move {
+                let result = control.publish_in(msg, seq).await;
+                (id, result)
+            }));
+            return;
+        }
         // STOMP's `persistent:true` (RabbitMQ's own convention) becomes AMQP
         // delivery mode 2, so a durable backend queue keeps the message.
         let persistent = p
@@ -643,13 +752,15 @@ impl Driver {
             body: p.body,
             mandatory: true,
             persistent,
+            properties: None,
         };
         let control = self.shared.control.clone();
         let id = p.id;
         let confirm = self.shared.metrics.app_confirm_seconds.clone();
+        let seq = Sequence::next(self.publish_key, &mut self.last_publish);
         self.publishes.push(Box::pin(async move {
             let started = Instant::now();
-            let result = control.publish(msg).await;
+            let result = control.publish_in(msg, seq).await;
             confirm.observe(started.elapsed().as_secs_f64());
             (id, result)
         }));
@@ -799,22 +910,6 @@ fn close_text(reason: &CloseReason) -> String {
     s
 }
 
-/// Text when the frame is valid UTF-8 (unless binary is forced), binary
-/// otherwise: a text message must be UTF-8, and browsers drop the socket
-/// when it isn't.
-pub fn ws_message(bytes: Bytes, mode: MessageType) -> Message {
-    match mode {
-        MessageType::Binary => Message::Binary(bytes),
-        MessageType::Auto | MessageType::Text => {
-            // Cloning `Bytes` only bumps a reference count.
-            match Utf8Bytes::try_from(bytes.clone()) {
-                Ok(t) => Message::Text(t),
-                Err(_) => Message::Binary(bytes),
-            }
-        }
-    }
-}
-
 async fn next_broker_item(broker: &mut Option<BrokerLeg>) -> Result<Item, BrokerError> {
     match broker.as_mut() {
         Some(b) => b.reader.next().await,
@@ -851,10 +946,21 @@ async fn write_client<T: ClientTransport>(
         let mut batch = 0usize;
         let mut next = Some(first);
         while let Some(out) = next.take() {
+            if !queue.keep(&out) {
+                next = rx.try_recv().ok();
+                continue;
+            }
             match out {
                 ClientOut::Message(msg, len, read) => {
                     batch += len;
                     read_times.extend(read);
+                    if sink.feed(msg).await.is_err() {
+                        queue.fail();
+                        return;
+                    }
+                }
+                ClientOut::Shared(msg, len) => {
+                    batch += len;
                     if sink.feed(msg).await.is_err() {
                         queue.fail();
                         return;
@@ -944,9 +1050,10 @@ mod tests {
     use crate::admission::Admission;
     use crate::broker_side::{BrokerSide, EmbeddedBrokerSide, TcpBrokerSide};
     use crate::config::Config;
-    use crate::embedded::{EmbeddedBroker, OutboxLimits};
+    use crate::embedded::EmbeddedBroker;
     use crate::health::Health;
     use crate::metrics::Metrics;
+    use crate::outlet::OutletLimits;
     use crate::settings::Settings;
     use relay_core::{Command, Limits};
     use tokio::io::DuplexStream;
@@ -968,7 +1075,7 @@ mod tests {
 
     fn embedded_broker() -> Arc<EmbeddedBroker> {
         EmbeddedBroker::new(
-            OutboxLimits {
+            OutletLimits {
                 max_bytes: 1 << 20,
                 max_wait: Duration::from_secs(10),
             },
@@ -1001,7 +1108,14 @@ mod tests {
         )
         .await
         .unwrap();
-        let mut shared = Shared::new(&settings, health, control, metrics, stopped);
+        let mut shared = Shared::new(
+            &settings,
+            health,
+            control,
+            metrics,
+            stopped.clone(),
+            stopped,
+        );
         shared.broker_side = broker_side;
         let shared = Arc::new(shared);
         let permits = Admission::new(1, 0, 0, &[]);

@@ -21,6 +21,7 @@
 //! gets an ERROR `message:slow consumer` and is closed, and the
 //! `slow_consumers_total` metric counts it. Nobody else waits for it.
 
+use crate::outlet::{OutletLimits, Pushed};
 use bytes::{Bytes, BytesMut};
 use prometheus::IntCounter;
 use relay_core::codec::{encode_to_bytes, Decoder, Item, Limits};
@@ -29,7 +30,7 @@ use relay_core::{Command, Frame, Version};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
@@ -43,15 +44,6 @@ const SERVER: &str = concat!("stomp-gateway-embedded/", env!("CARGO_PKG_VERSION"
 
 /// Where to read how to switch to RabbitMQ, quoted in ERROR frames.
 const SWITCH: &str = "set broker.mode = \"relay\" to use RabbitMQ";
-
-/// Limits of one session's outbound queue (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutboxLimits {
-    /// Bytes queued for one session before it counts as a slow consumer.
-    pub max_bytes: usize,
-    /// How long the oldest queued message may wait.
-    pub max_wait: Duration,
-}
 
 /// Messages and replies on their way to one session.
 #[derive(Debug, Default)]
@@ -68,16 +60,6 @@ struct OutboxInner {
     version: Option<Version>,
     /// No more input: write what is queued, then close the stream.
     closing: bool,
-}
-
-/// What [`Outbox::push_message`] did.
-#[derive(Debug, PartialEq, Eq)]
-enum Pushed {
-    Queued,
-    /// The session was already closing; dropped.
-    Dropped,
-    /// Over a limit: the queue was replaced by an ERROR and the session closes.
-    SlowConsumer,
 }
 
 impl Outbox {
@@ -102,7 +84,7 @@ impl Outbox {
     }
 
     /// Queues a delivered message unless that makes the session a slow consumer.
-    fn push_message(&self, now: Instant, bytes: Bytes, limits: OutboxLimits) -> Pushed {
+    fn push_message(&self, now: Instant, bytes: Bytes, limits: OutletLimits) -> Pushed {
         let mut inner = self.lock();
         if inner.closing {
             return Pushed::Dropped;
@@ -171,7 +153,7 @@ pub struct EmbeddedBroker {
     state: Mutex<State>,
     next_session: AtomicU64,
     next_message: AtomicU64,
-    limits: OutboxLimits,
+    limits: OutletLimits,
     frame_limits: Limits,
     slow_consumers: IntCounter,
 }
@@ -180,7 +162,7 @@ impl EmbeddedBroker {
     /// A broker whose sessions' outboxes have `limits`, reading session
     /// frames up to `frame_limits`, counting slow consumers in `slow_consumers`.
     pub fn new(
-        limits: OutboxLimits,
+        limits: OutletLimits,
         frame_limits: Limits,
         slow_consumers: IntCounter,
     ) -> Arc<EmbeddedBroker> {
@@ -515,6 +497,7 @@ async fn write_session(mut write: WriteHalf<DuplexStream>, outbox: Arc<Outbox>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
     /// A STOMP peer on the session side of the in-memory stream.
@@ -585,7 +568,7 @@ mod tests {
 
     fn broker(max_bytes: usize) -> Arc<EmbeddedBroker> {
         EmbeddedBroker::new(
-            OutboxLimits {
+            OutletLimits {
                 max_bytes,
                 max_wait: Duration::from_secs(30),
             },

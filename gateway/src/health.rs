@@ -31,6 +31,12 @@ pub struct Health {
     pod_id: Mutex<Option<String>>,
     /// `broker.mode = "embedded"`: no system link, readiness does not need one.
     embedded: AtomicBool,
+    /// The shared fan-out runs (relay mode with a `[fanout]` prefix
+    /// `shared`): readiness needs its upstream too.
+    shared_enabled: AtomicBool,
+    shared_up: AtomicBool,
+    /// The shared upstream's queue while it is up.
+    shared_queue: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +139,18 @@ impl Health {
         self.embedded.store(true, Ordering::SeqCst);
     }
 
+    /// This process runs the shared fan-out; readiness waits for its upstream.
+    pub fn set_shared_enabled(&self) {
+        self.shared_enabled.store(true, Ordering::SeqCst);
+    }
+
+    /// The shared fan-out's upstream connected with this queue (`Some`) or
+    /// was lost (`None`).
+    pub fn set_shared_up(&self, queue: Option<&str>) {
+        *lock(&self.shared_queue) = queue.map(str::to_owned);
+        self.shared_up.store(queue.is_some(), Ordering::SeqCst);
+    }
+
     /// `"embedded"` or `"relay"`.
     pub fn mode(&self) -> &'static str {
         if self.embedded.load(Ordering::SeqCst) {
@@ -190,12 +208,15 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         (self.system_link_up() || self.embedded.load(Ordering::SeqCst))
             && (!self.amqp_enabled() || self.amqp_up())
+            && (!self.shared_enabled.load(Ordering::SeqCst)
+                || self.shared_up.load(Ordering::SeqCst))
             && !self.is_shutting_down()
     }
 
     /// The `/readyz` body:
     /// `{"ready", "mode", "pod_id", "system_link": {"up", "address", "tls", "last_error"},
-    /// "amqp": {"enabled", "up", "node", "last_error"}, "active_sessions", "shutting_down"}`.
+    /// "amqp": {"enabled", "up", "node", "last_error"}, "shared": {"enabled", "up", "queue"},
+    /// "active_sessions", "shutting_down"}`.
     pub fn details(&self) -> serde_json::Value {
         let (address, last_error) = {
             let link = self.link();
@@ -216,6 +237,11 @@ impl Health {
                 "up": self.amqp_up(),
                 "node": self.amqp_node(),
                 "last_error": self.amqp_last_error(),
+            },
+            "shared": {
+                "enabled": self.shared_enabled.load(Ordering::SeqCst),
+                "up": self.shared_up.load(Ordering::SeqCst),
+                "queue": lock(&self.shared_queue).clone(),
             },
             "active_sessions": self.active_sessions(),
             "shutting_down": self.is_shutting_down(),
@@ -297,6 +323,22 @@ mod tests {
     }
 
     #[test]
+    fn readiness_waits_for_the_shared_upstream_when_it_runs() {
+        let h = Health::new();
+        h.set_system_link_up("127.0.0.1:61613");
+        h.set_shared_enabled();
+        assert!(!h.is_ready());
+        h.set_shared_up(Some("amq.gen-x"));
+        assert!(h.is_ready());
+        assert_eq!(
+            h.details()["shared"],
+            json!({"enabled": true, "up": true, "queue": "amq.gen-x"})
+        );
+        h.set_shared_up(None);
+        assert!(!h.is_ready());
+    }
+
+    #[test]
     fn session_counter_never_underflows() {
         let h = Health::new();
         h.session_closed();
@@ -321,6 +363,7 @@ mod tests {
                 "pod_id": null,
                 "system_link": {"up": false, "address": null, "tls": false, "last_error": "refused"},
                 "amqp": {"enabled": false, "up": false, "node": null, "last_error": null},
+                "shared": {"enabled": false, "up": false, "queue": null},
                 "active_sessions": 1,
                 "shutting_down": false,
             })

@@ -28,6 +28,7 @@ pub mod endpoints;
 pub mod fanout;
 pub mod health;
 pub mod metrics;
+pub mod outlet;
 pub mod server;
 pub mod settings;
 pub mod sockjs;

@@ -33,6 +33,19 @@ pub struct Metrics {
     pub backpressure_pauses: IntCounter,
     /// Sessions dropped by the local hub for not reading their messages.
     pub slow_consumers: IntCounter,
+    /// Messages the shared upstream received from RabbitMQ.
+    pub shared_messages: IntCounter,
+    /// MESSAGE frames the shared fan-out queued for subscribers.
+    pub shared_deliveries: IntCounter,
+    /// Times the shared upstream came back after a loss (messages published
+    /// in between were lost for this pod's shared subscribers).
+    pub shared_gaps: IntCounter,
+    /// Sessions closed because of such a gap (`fanout.on_upstream_loss = "close"`).
+    pub shared_gap_closes: IntCounter,
+    /// Bindings the shared upstream's queue has (or will re-make).
+    pub shared_bindings: IntGauge,
+    /// 1 while the shared upstream is connected.
+    pub shared_up: IntGauge,
     rejected: IntCounterVec,
     limit_hits: IntCounterVec,
     /// Frames refused by authorization, by command (`auth_denials_total`).
@@ -179,6 +192,8 @@ pub enum Link {
     Session,
     /// The AMQP control plane.
     Amqp,
+    /// The pod's shared fan-out upstream (AMQP).
+    Shared,
 }
 
 impl Link {
@@ -187,6 +202,7 @@ impl Link {
             Link::System => "system",
             Link::Session => "session",
             Link::Amqp => "amqp",
+            Link::Shared => "shared",
         }
     }
 }
@@ -273,7 +289,7 @@ const CONNECT_BUCKETS: [f64; 13] = [
 ];
 
 /// Every `reason` label of `sessions_closed_total`.
-const CLOSE_REASONS: [&str; 11] = [
+const CLOSE_REASONS: [&str; 12] = [
     "client_disconnect",
     "client_gone",
     "client_error",
@@ -284,6 +300,7 @@ const CLOSE_REASONS: [&str; 11] = [
     "client_heartbeat_timeout",
     "broker_error",
     "broker_lost",
+    "slow_consumer",
     "shutdown",
 ];
 
@@ -401,12 +418,12 @@ impl Metrics {
         )?;
         let subscriptions_open = gauge_vec(
             "subscriptions_open",
-            "Client subscriptions open now, by path (relay: the session's own broker connection)",
+            "Client subscriptions open now, by path (relay: the session's own broker connection; shared: the pod's shared upstream; embedded: the embedded broker)",
             &["path"],
         )?;
         let links_up = gauge_vec(
             "broker_links_up",
-            "Connections to RabbitMQ up now: system (0/1), session (one per relayed client session), amqp (0/1)",
+            "Connections to RabbitMQ up now: system (0/1), session (one per client session with its own STOMP connection), amqp (0/1), shared (0/1, the pod's shared fan-out upstream)",
             &["link"],
         )?;
         let reconnects = counter_vec(
@@ -458,7 +475,7 @@ impl Metrics {
         for p in SUBSCRIPTION_PATHS {
             subscriptions_open.with_label_values(&[p]);
         }
-        for l in [Link::System, Link::Session, Link::Amqp] {
+        for l in [Link::System, Link::Session, Link::Amqp, Link::Shared] {
             links_up.with_label_values(&[l.as_str()]);
             reconnects.with_label_values(&[l.as_str()]);
             broker_connect_seconds.with_label_values(&[l.as_str()]);
@@ -505,6 +522,27 @@ impl Metrics {
                 "slow_consumers_total",
                 "Sessions closed with ERROR 'slow consumer': their queue of hub messages went over hub.max_queued_bytes or hub.max_queued_ms",
             )?,
+            shared_messages: counter(
+                "shared_messages_total",
+                "Messages the shared fan-out upstream received from RabbitMQ",
+            )?,
+            shared_deliveries: counter(
+                "shared_deliveries_total",
+                "MESSAGE frames the shared fan-out queued for local subscribers",
+            )?,
+            shared_gaps: counter(
+                "shared_upstream_gaps_total",
+                "Times the shared upstream reconnected after a loss; messages published meanwhile were lost for this pod's shared subscribers",
+            )?,
+            shared_gap_closes: counter(
+                "shared_gap_closes_total",
+                "Sessions closed because the shared upstream was lost (fanout.on_upstream_loss = \"close\")",
+            )?,
+            shared_bindings: gauge(
+                "shared_bindings",
+                "Bindings of the pod's shared upstream queue (live keys, re-made after a reconnect)",
+            )?,
+            shared_up: links_up.with_label_values(&[Link::Shared.as_str()]),
             sessions_active: gauge("sessions_active", "Client sessions open now")?,
             system_link_up: gauge(
                 "system_link_up",
@@ -559,6 +597,7 @@ impl Metrics {
             CloseReason::ClientHeartbeatTimeout => "client_heartbeat_timeout",
             CloseReason::BrokerError(_) => "broker_error",
             CloseReason::BrokerLost(_) => "broker_lost",
+            CloseReason::SlowConsumer(_) => "slow_consumer",
             CloseReason::Shutdown => "shutdown",
         };
         self.closed.with_label_values(&[label]).inc();

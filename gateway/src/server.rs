@@ -75,6 +75,9 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     // The control plane closes after the sessions drained (they may still
     // publish and wait for confirms), not on the shutdown signal itself.
     let (control_stop, control_stopped) = watch::channel(false);
+    // The shared fan-out's upstream stops with the control plane, after the
+    // drain: draining sessions keep receiving their shared subscriptions.
+    let upstream_stopped = control_stopped.clone();
     let control = if config.control_plane_enabled() {
         ControlPlane::start(&settings, health.clone(), metrics.clone(), control_stopped).await?
     } else {
@@ -86,6 +89,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         control.clone(),
         metrics.clone(),
         shutdown.clone(),
+        upstream_stopped,
     ));
     let routes = Arc::new(crate::endpoints::Routes::new(&shared)?);
     info!(

@@ -7,13 +7,16 @@
 use crate::admission::{Admission, Ticket};
 use crate::amqp::ControlPlane;
 use crate::broker_side::{BrokerSide, EmbeddedBrokerSide, TcpBrokerSide};
-use crate::config::{BrokerMode, Config, MessageType};
-use crate::embedded::{EmbeddedBroker, OutboxLimits};
+use crate::config::{BrokerMode, Config, MessageType, UpstreamLoss};
+use crate::embedded::EmbeddedBroker;
+use crate::fanout::shared::{GapPolicy, SharedFanout};
+use crate::fanout::upstream::{PodUpstream, UpstreamSettings};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::outlet::OutletLimits;
 use crate::settings::Settings;
 use relay_core::heartbeat::HeartBeat;
-use relay_core::session::SessionConfig;
+use relay_core::session::{SessionConfig, SharedPaths};
 use relay_core::Limits;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,18 +56,24 @@ pub struct Shared {
     /// The embedded broker (`broker.mode = "embedded"`): sessions connect to
     /// it instead of RabbitMQ's STOMP plugin.
     pub embedded: Option<Arc<EmbeddedBroker>>,
+    /// The pod's shared fan-out (relay mode with any `[fanout]` prefix
+    /// `shared`): ack:auto subscriptions served from one upstream queue.
+    pub fanout: Option<SharedFanout>,
     id_prefix: u32,
     next_id: AtomicU64,
 }
 
 impl Shared {
-    /// Derives the per-session settings from the configuration.
+    /// Derives the per-session settings from the configuration and starts
+    /// the shared fan-out's upstream (relay mode), which stops when
+    /// `upstream_stop` turns true.
     pub fn new(
         settings: &Settings,
         health: Arc<Health>,
         control: ControlPlane,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
+        upstream_stop: watch::Receiver<bool>,
     ) -> Shared {
         let config = settings.config.clone();
         let s = &config.session;
@@ -74,6 +83,16 @@ impl Shared {
             .authenticator
             .clone()
             .map(|a| crate::auth::Counted::wrap(a, metrics.clone()));
+        // The shared path serves relay mode only (the embedded broker is a
+        // hub of its own).
+        let relay = b.mode == BrokerMode::Relay;
+        let f = &config.fanout;
+        let shared = SharedPaths {
+            topic: relay && f.topic.is_shared(),
+            exchange: relay && f.exchange.is_shared(),
+            user: relay && f.user.is_shared(),
+        };
+        let any_shared = shared.topic || shared.exchange || shared.user;
         let session = SessionConfig {
             client_heartbeat: HeartBeat::new(s.heartbeat_send_ms, s.heartbeat_receive_ms),
             client_heartbeat_min_ms: s.heartbeat_min_ms,
@@ -98,9 +117,11 @@ impl Shared {
             router: settings.router.clone(),
             server_name: concat!("stomp-gateway/", env!("CARGO_PKG_VERSION")).into(),
             max_inflight_publishes: config.app.max_inflight_per_session,
-            // The relay leg opens with the session, as it always has; the
-            // core can also open it on the first frame that needs it.
-            open_relay_at_connect: true,
+            shared,
+            // With the shared path the relay leg opens only when a frame
+            // needs it (a pure pub/sub browser costs RabbitMQ nothing);
+            // without it, with the session, as the relay always did.
+            open_relay_at_connect: !any_shared,
             authenticator,
         };
         let client_limits = Limits {
@@ -124,17 +145,46 @@ impl Shared {
             .write_buffer_size(8 * 1024)
             .max_message_size(Some(config.server.max_ws_message_size))
             .max_frame_size(Some(config.server.max_ws_message_size));
+        let outlet_limits = OutletLimits {
+            max_bytes: config.hub.max_queued_bytes,
+            max_wait: Duration::from_millis(config.hub.max_queued_ms),
+        };
         let embedded = (config.broker.mode == BrokerMode::Embedded).then(|| {
-            EmbeddedBroker::new(
-                OutboxLimits {
-                    max_bytes: config.hub.max_queued_bytes,
-                    max_wait: Duration::from_millis(config.hub.max_queued_ms),
+            EmbeddedBroker::new(outlet_limits, broker_limits, metrics.slow_consumers.clone())
+        });
+        let fanout = any_shared.then(|| {
+            let gap = match config.fanout.on_upstream_loss {
+                UpstreamLoss::Keep => GapPolicy::Keep,
+                UpstreamLoss::Close => GapPolicy::Close,
+            };
+            let sink = SharedFanout::sink(
+                outlet_limits,
+                gap,
+                metrics.clone(),
+                health.clone(),
+                &settings.pod,
+            );
+            let amqp = &config.amqp;
+            let upstream = PodUpstream::start(
+                UpstreamSettings {
+                    name: format!("stomp-gateway {} shared", settings.pod),
+                    queue_prefix: format!(
+                        "{}{}-",
+                        relay_core::router::SHARED_QUEUE_PREFIX,
+                        settings.pod
+                    ),
+                    unbind_delay: Duration::from_millis(config.fanout.unbind_delay_ms),
+                    reconnect_initial: Duration::from_millis(amqp.reconnect_initial_ms),
+                    reconnect_max: Duration::from_millis(amqp.reconnect_max_ms),
                 },
-                broker_limits,
-                metrics.slow_consumers.clone(),
-            )
+                control.upstream_connect(),
+                sink.clone(),
+                upstream_stop,
+            );
+            SharedFanout::new(&sink, upstream)
         });
         Shared {
+            fanout,
             broker_side: match &embedded {
                 Some(e) => Arc::new(EmbeddedBrokerSide(e.clone())),
                 None => Arc::new(TcpBrokerSide::new(

@@ -41,6 +41,10 @@ pub const USER_ID_HEADER: &str = "user-id";
 /// included.
 pub const SUBSCRIPTION_QUEUE_PREFIX: &str = "stomp-subscription-";
 
+/// Every gateway pod's shared fan-out queue is named with this prefix
+/// (exclusive to the pod's upstream connection); no client reaches one.
+pub const SHARED_QUEUE_PREFIX: &str = "stomp-gateway-shared-";
+
 /// The path that serves an allowed frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -98,6 +102,9 @@ pub enum DenyReason {
     InternalQueue(String),
     /// The destination (or `x-queue-name`) names another subscription's queue.
     SubscriptionQueue(String),
+    /// The destination (or `x-queue-name`) names a gateway pod's shared
+    /// fan-out queue.
+    SharedQueue(String),
     /// `user.client_send_enabled = false` and this is a SEND to a user.
     UserSendDisabled,
     /// A `user-id` header that is not the authenticated user.
@@ -117,6 +124,10 @@ impl fmt::Display for DenyReason {
             DenyReason::InternalQueue(q) => {
                 write!(f, "queue {q:?} is behind the gateway's own exchanges; clients cannot reach it")
             }
+            DenyReason::SharedQueue(q) => write!(
+                f,
+                "queue {q:?} is a gateway's shared fan-out queue; clients cannot reach {SHARED_QUEUE_PREFIX}* queues"
+            ),
             DenyReason::SubscriptionQueue(q) => write!(
                 f,
                 "queue {q:?} belongs to another subscription; clients cannot reach {SUBSCRIPTION_QUEUE_PREFIX}* queues"
@@ -455,6 +466,8 @@ impl Router {
             Some(DenyReason::InternalQueue(queue.to_owned()))
         } else if queue.starts_with(SUBSCRIPTION_QUEUE_PREFIX) {
             Some(DenyReason::SubscriptionQueue(queue.to_owned()))
+        } else if queue.starts_with(SHARED_QUEUE_PREFIX) {
+            Some(DenyReason::SharedQueue(queue.to_owned()))
         } else {
             None
         }
@@ -810,6 +823,24 @@ mod tests {
                 "/queue/stomp-subscription-AbC",
                 &[],
                 Denied(q("stomp-subscription-AbC")),
+            ),
+            (
+                &mallory,
+                s,
+                "/amq/queue/stomp-gateway-shared-pod-1-ab",
+                &[],
+                Denied(DenyReason::SharedQueue(
+                    "stomp-gateway-shared-pod-1-ab".into(),
+                )),
+            ),
+            (
+                &mallory,
+                p,
+                "/exchange/amq.default/stomp-gateway-shared-pod-1-ab",
+                &[],
+                Denied(DenyReason::SharedQueue(
+                    "stomp-gateway-shared-pod-1-ab".into(),
+                )),
             ),
             (
                 &mallory,

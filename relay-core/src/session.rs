@@ -592,6 +592,14 @@ impl Session {
         self.subscriptions.len()
     }
 
+    /// Whether client frames wait for the relay leg to connect (at most
+    /// `max_pending_frames`): the driver stops reading the client until it
+    /// has, so a burst sent right after CONNECTED waits in the socket, not
+    /// against that limit.
+    pub fn holds_relay_frames(&self) -> bool {
+        !self.relay_queue.is_empty() || !self.pending.is_empty()
+    }
+
     /// Number of this session's subscriptions on the shared path (the rest
     /// of [`Session::subscription_count`] is on the relay leg).
     pub fn shared_subscription_count(&self) -> usize {
@@ -976,7 +984,7 @@ impl Session {
             if let Some(i) = self.client_send {
                 consider(self.last_client_tx + i);
             }
-            if let Some(i) = self.client_receive {
+            if let Some(i) = self.client_receive.filter(|_| !self.holds_relay_frames()) {
                 consider(self.last_client_rx + heartbeat::receive_deadline(i));
             }
         }
@@ -1081,7 +1089,9 @@ impl Session {
             self.handle_broker_failed(now, &format!("no CONNECTED from the broker within {ms} ms"));
             return;
         }
-        if let Some(i) = self.client_receive {
+        // While frames wait for the relay leg the driver does not read the
+        // client (see `holds_relay_frames`): its silence is ours.
+        if let Some(i) = self.client_receive.filter(|_| !self.holds_relay_frames()) {
             if now >= self.last_client_rx + heartbeat::receive_deadline(i) {
                 let ms = i.as_millis();
                 self.emit_client(
@@ -1208,6 +1218,9 @@ impl Session {
         self.relay = Relay::Open;
         if self.state == State::ConnectingBroker {
             self.answer_connected(now);
+        } else if !self.relay_queue.is_empty() {
+            // The client was not read while its frames waited for the leg.
+            self.last_client_rx = now;
         }
         while let Some(f) = self.relay_queue.pop_front() {
             if self.relay != Relay::Open {
@@ -1625,7 +1638,12 @@ impl Session {
         self.next_publish_id += 1;
         let receipt = frame.header("receipt").map(str::to_owned);
         let content_type = frame.header("content-type").map(str::to_owned);
-        let headers = client_headers(&frame.headers);
+        let mut headers = client_headers(&frame.headers);
+        if let (Some(_), Some(r)) = (&exchange, &receipt) {
+            // RabbitMQ's STOMP plugin keeps a SEND's `receipt` among the
+            // message's headers; subscribers see the same as on its path.
+            headers.push(("receipt".to_owned(), r.clone()));
+        }
         self.owed.publishes.insert(id, receipt);
         self.actions.push_back(Action::App(AppPublish {
             id,
@@ -3751,7 +3769,14 @@ mod tests {
         assert_eq!(p.routing_key, "room.42");
         assert_eq!(p.destination, "/topic/room.42");
         assert_eq!(p.content_type.as_deref(), Some("text/plain"));
-        assert_eq!(p.headers, vec![("persistent".into(), "true".into())]);
+        // The plugin keeps `receipt` among a SEND's message headers.
+        assert_eq!(
+            p.headers,
+            vec![
+                ("persistent".into(), "true".into()),
+                ("receipt".into(), "s1".into())
+            ]
+        );
         assert_eq!(&p.body[..], b"hi");
         assert_eq!(s.inflight_publishes(), 1);
         s.handle_publish_result(t0, p.id, Ok(()));
@@ -3886,6 +3911,44 @@ mod tests {
         assert!(app_publish(&acts).exchange.is_none(), "{acts:?}");
         s.handle_shared_subscribed(t0 + 5_000 * MS, "1");
         assert_eq!(drain(&mut s), vec![client_receipt("r1")]);
+    }
+
+    #[test]
+    fn client_silence_while_frames_wait_for_a_lazy_leg_is_not_a_heartbeat_timeout() {
+        let t0 = Instant::now();
+        let config = SessionConfig {
+            client_heartbeat: HeartBeat::new(0, 1_000),
+            open_relay_at_connect: false,
+            broker_timeout: Duration::from_secs(10),
+            ..SessionConfig::default()
+        };
+        let mut s = Session::new(Arc::new(config), "hb", t0);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Connect)
+                .with_header("accept-version", "1.2")
+                .with_header("heart-beat", "1000,0"),
+        );
+        while s.poll_action().is_some() {}
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Begin).with_header("transaction", "t"),
+        );
+        assert!(s.holds_relay_frames());
+        // Twice the interval passes while the leg opens: no timeout.
+        let t = t0 + Duration::from_secs(5);
+        s.handle_timeout(t);
+        assert!(!s.is_closed());
+        s.handle_broker_frame(
+            t,
+            Frame::new(Command::Connected).with_header("version", "1.2"),
+        );
+        assert!(!s.holds_relay_frames());
+        // The client's clock restarts when the leg is up.
+        s.handle_timeout(t + Duration::from_millis(1_500));
+        assert!(!s.is_closed());
+        s.handle_timeout(t + Duration::from_millis(2_500));
+        assert!(s.is_closed());
     }
 
     #[test]

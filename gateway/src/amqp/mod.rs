@@ -99,6 +99,38 @@ pub struct OutboundMessage {
     pub mandatory: bool,
     /// `delivery_mode` 2.
     pub persistent: bool,
+    /// Publish with exactly these properties (a relayed SEND mapped the
+    /// way RabbitMQ's STOMP plugin maps it, [`crate::fanout::mapping::send_properties`]):
+    /// `headers`, `content_type`, `message_id` and `persistent` are then
+    /// ignored, and no message id, app id or timestamp is added.
+    pub properties: Option<BasicProperties>,
+}
+
+/// A message's place in one publisher's sequence
+/// ([`ControlPlane::publish_in`]).
+#[derive(Debug)]
+pub struct Sequence {
+    /// Picks the publish channel; the same key, the same channel.
+    pub key: u64,
+    /// Resolves (or is dropped) once the previous message was handed to
+    /// the channel.
+    pub after: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Dropped once this message was handed to the channel (or failed
+    /// before), releasing the next.
+    pub sent: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Sequence {
+    /// The next place after `last` (the previous message's `sent`
+    /// receiver, replaced by this one's).
+    pub fn next(key: u64, last: &mut Option<tokio::sync::oneshot::Receiver<()>>) -> Sequence {
+        let (sent, rx) = tokio::sync::oneshot::channel();
+        Sequence {
+            key,
+            after: last.replace(rx),
+            sent,
+        }
+    }
 }
 
 /// Why a publish failed.
@@ -327,10 +359,40 @@ impl ControlPlane {
     /// or nacked/returned (`Err`). A mandatory message that is returned is
     /// [`PublishError::Unroutable`] even though its confirm is an ack.
     pub async fn publish(&self, msg: OutboundMessage) -> Result<(), PublishError> {
-        self.inner.clone().publish(msg).await
+        self.inner.clone().publish(msg, None).await
+    }
+
+    /// [`ControlPlane::publish`] in a sequence: published on the channel
+    /// `seq.key` picks, only after the previous message of the sequence was
+    /// handed to that channel, so one client's SENDs reach RabbitMQ in the
+    /// order it sent them while their confirms are awaited together.
+    pub async fn publish_in(
+        &self,
+        msg: OutboundMessage,
+        seq: Sequence,
+    ) -> Result<(), PublishError> {
+        self.inner.clone().publish(msg, Some(seq)).await
     }
 
     /// Whether the control connection is up and the topology declared.
+    /// How the pod's shared fan-out upstream opens its AMQP connection:
+    /// the same URLs (with failover), TLS and connect timeout as the control
+    /// connection, named `stomp-gateway <pod> shared` in RabbitMQ.
+    pub fn upstream_connect(&self) -> crate::fanout::upstream::Connect {
+        let inner = self.inner.clone();
+        Arc::new(move || {
+            let inner = inner.clone();
+            Box::pin(async move {
+                let name = format!("stomp-gateway {} shared", inner.pod_id);
+                let props =
+                    || ConnectionProperties::default().with_connection_name(name.clone().into());
+                connect_any(&inner.urls, &inner.tls, props, inner.connect_timeout())
+                    .await
+                    .map(|(conn, _)| conn)
+            })
+        })
+    }
+
     pub fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::SeqCst)
     }

@@ -157,12 +157,41 @@ impl Inner {
         }
     }
 
-    pub(super) async fn publish(self: Arc<Self>, msg: OutboundMessage) -> Result<(), PublishError> {
+    pub(super) async fn publish(
+        self: Arc<Self>,
+        msg: OutboundMessage,
+        seq: Option<Sequence>,
+    ) -> Result<(), PublishError> {
+        let (slot, sent) = match seq {
+            Some(Sequence { key, after, sent }) => {
+                if let Some(after) = after {
+                    // Ok or dropped: either way the previous one is out.
+                    let _ = after.await;
+                }
+                let n = self.slots.len().max(1) as u64;
+                (usize::try_from(key % n).unwrap_or(0), Some(sent))
+            }
+            None => (
+                self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1),
+                None,
+            ),
+        };
         if !self.up.load(Ordering::SeqCst) {
             return Err(PublishError::Unavailable(self.reason().clone()));
         }
         let exchange = short(&msg.exchange, "exchange name")?;
         let routing_key = short(&msg.routing_key, "routing key")?;
+        let properties = match msg.properties.clone() {
+            Some(p) => p,
+            None => self.properties(&msg)?,
+        };
+        self.publish_with(msg, exchange, routing_key, properties, slot, sent)
+            .await
+    }
+
+    /// The properties of a gateway-made message: message id, app id,
+    /// timestamp, content type, delivery mode and the headers table.
+    fn properties(&self, msg: &OutboundMessage) -> Result<BasicProperties, PublishError> {
         let message_id = match &msg.message_id {
             Some(id) => id.clone(),
             None => self.new_message_id(),
@@ -192,7 +221,19 @@ impl Inner {
             }
             properties = properties.with_headers(table);
         }
+        Ok(properties)
+    }
 
+    /// Publishes with `properties` and waits for the confirm.
+    async fn publish_with(
+        self: Arc<Self>,
+        msg: OutboundMessage,
+        exchange: ShortString,
+        routing_key: ShortString,
+        properties: BasicProperties,
+        slot: usize,
+        sent: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), PublishError> {
         let permit = self
             .inflight
             .clone()
@@ -200,7 +241,6 @@ impl Inner {
             .map_err(|_| PublishError::Overloaded)?;
         let timeout = self.publish_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
-        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
 
         let (serial, channel) = tokio::time::timeout_at(deadline, self.channel(slot))
             .await
@@ -228,6 +268,8 @@ impl Inner {
             }
             Ok(Ok(confirm)) => confirm,
         };
+        // Handed to the channel: the next of the sequence may go.
+        drop(sent);
         let confirmation = match tokio::time::timeout_at(deadline, &mut confirm).await {
             Ok(c) => c,
             Err(_) => {

@@ -376,6 +376,7 @@ async fn publish_confirms_returns_and_rejections() {
             body: Bytes::from_static(br#"{"text":"hi"}"#),
             mandatory,
             persistent: true,
+            properties: None,
         };
         // Ack, then read it back.
         cp.publish(msg("room.1", true)).await.expect("acked");
@@ -501,6 +502,7 @@ async fn channel_closed_by_the_broker_is_replaced() {
             body: Bytes::from_static(b"x"),
             mandatory: false,
             persistent: false,
+            properties: None,
         };
         cp.publish(msg(&exchange, "a"))
             .await
@@ -612,6 +614,7 @@ async fn reconnects_and_declares_again_after_the_connection_is_lost() {
             body: Bytes::from_static(b"again"),
             mandatory: true,
             persistent: false,
+            properties: None,
         })
         .await
         .expect("publish after reconnect");
@@ -650,6 +653,7 @@ async fn overloaded_when_inflight_limit_is_reached() {
             body: Bytes::from_static(b"x"),
             mandatory: true,
             persistent: false,
+            properties: None,
         };
         let (a, b) = tokio::join!(cp.publish(msg.clone()), cp.publish(msg.clone()));
         let results = [a, b];
@@ -696,6 +700,7 @@ async fn fails_over_to_the_next_url_and_names_the_node() {
             body: Bytes::from_static(b"x"),
             mandatory: false,
             persistent: false,
+            properties: None,
         })
         .await
         .expect("published through the failover node");
@@ -746,6 +751,7 @@ async fn connects_over_tls_with_the_configured_ca() {
             body: Bytes::from_static(b"x"),
             mandatory: false,
             persistent: false,
+            properties: None,
         })
         .await
         .expect("published over TLS");
@@ -800,6 +806,7 @@ async fn unreachable_broker_starts_down_and_publishes_fail_fast() {
             body: Bytes::new(),
             mandatory: false,
             persistent: false,
+            properties: None,
         })
         .await
         .expect_err("down");

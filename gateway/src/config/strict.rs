@@ -15,9 +15,13 @@ use serde_json::Value as Schema;
 
 /// Keys whose values are one of a fixed set of words (list indices written
 /// as `[]`).
-pub(super) const ENUM_KEYS: [(&str, &[&str]); 8] = [
+pub(super) const ENUM_KEYS: [(&str, &[&str]); 12] = [
     ("server.message_type", &["auto", "text", "binary"]),
     ("broker.mode", &["embedded", "relay"]),
+    ("fanout.topic", &["shared", "per-session"]),
+    ("fanout.exchange", &["shared", "per-session"]),
+    ("fanout.user", &["shared", "per-session"]),
+    ("fanout.on_upstream_loss", &["keep", "close"]),
     ("log.format", &["text", "json"]),
     (
         "app.exchange_type",

@@ -90,6 +90,41 @@ fn broker_mode_defaults_to_embedded_and_amqp_follows_an_explicit_url() {
 }
 
 #[test]
+fn fanout_defaults_to_shared_and_takes_per_session_from_file_and_env() {
+    let c = load_from(None, HashMap::new()).expect("defaults load");
+    assert_eq!(c.fanout.topic, FanoutPath::Shared);
+    assert_eq!(c.fanout.exchange, FanoutPath::Shared);
+    assert_eq!(c.fanout.user, FanoutPath::Shared);
+    assert_eq!(c.fanout.on_upstream_loss, UpstreamLoss::Keep);
+    assert!(c.fanout.any_shared());
+
+    let f = TempFile::new(
+        "fanout",
+        "[fanout]\ntopic = \"per-session\"\non_upstream_loss = \"close\"\nunbind_delay_ms = 0\n",
+    );
+    let c = load_from(
+        Some(&f.0),
+        env(&[
+            ("GATEWAY__FANOUT__EXCHANGE", "per-session"),
+            ("GATEWAY__FANOUT__USER", "per-session"),
+        ]),
+    )
+    .expect("loads");
+    assert_eq!(c.fanout.topic, FanoutPath::PerSession);
+    assert_eq!(c.fanout.exchange, FanoutPath::PerSession);
+    assert_eq!(c.fanout.user, FanoutPath::PerSession);
+    assert_eq!(c.fanout.on_upstream_loss, UpstreamLoss::Close);
+    assert_eq!(c.fanout.unbind_delay_ms, 0);
+    assert!(!c.fanout.any_shared());
+
+    let e = load_err(None, &[("GATEWAY__FANOUT__TOPIC", "per_session")]);
+    assert_eq!(e.key(), Some("fanout.topic"), "{e}");
+    assert!(e.to_string().contains("shared, per-session"), "{e}");
+    let e = load_err(None, &[("GATEWAY__FANOUT__ON_UPSTREAM_LOSS", "drop")]);
+    assert_eq!(e.key(), Some("fanout.on_upstream_loss"), "{e}");
+}
+
+#[test]
 fn file_then_env_precedence() {
     let file = TempFile::new(
         "precedence",

@@ -12,6 +12,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub broker: BrokerConfig,
     pub hub: HubConfig,
+    pub fanout: FanoutConfig,
     pub amqp: AmqpConfig,
     pub app: AppConfig,
     pub user: UserConfig,
@@ -270,8 +271,77 @@ impl BrokerMode {
     }
 }
 
-/// `[hub]`: the local fan-out hub (the embedded broker's sessions): each
-/// session's queue of messages not yet written to its client.
+/// Which path serves a prefix's `ack:auto` subscriptions in relay mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FanoutPath {
+    /// The pod's shared upstream: one AMQP queue per pod, local fan-out.
+    #[default]
+    Shared,
+    /// The session's own STOMP connection to RabbitMQ (one per browser).
+    PerSession,
+}
+
+impl FanoutPath {
+    pub fn is_shared(self) -> bool {
+        self == FanoutPath::Shared
+    }
+}
+
+/// What happens to shared subscriptions when the pod's upstream AMQP
+/// connection is lost (`fanout.on_upstream_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamLoss {
+    /// Keep the sessions; messages published until the upstream is back
+    /// are lost for them (counted and logged).
+    #[default]
+    Keep,
+    /// Close every session with a shared subscription (ERROR, then 1011),
+    /// so clients reconnect and resubscribe.
+    Close,
+}
+
+/// `[fanout]`: shared fan-out in relay mode: which subscriptions the pod's
+/// one upstream queue serves instead of each session's own STOMP connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FanoutConfig {
+    /// `ack:auto` subscriptions to `/topic/…`.
+    pub topic: FanoutPath,
+    /// `ack:auto` subscriptions to `/exchange/<x>/<pattern>`.
+    pub exchange: FanoutPath,
+    /// `ack:auto` subscriptions to `/user/…`.
+    pub user: FanoutPath,
+    /// `keep` or `close`.
+    pub on_upstream_loss: UpstreamLoss,
+    /// How long a binding stays after its last subscriber left (ms), so
+    /// churn does not hammer RabbitMQ.
+    pub unbind_delay_ms: u64,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig {
+            topic: FanoutPath::Shared,
+            exchange: FanoutPath::Shared,
+            user: FanoutPath::Shared,
+            on_upstream_loss: UpstreamLoss::Keep,
+            unbind_delay_ms: 2_000,
+        }
+    }
+}
+
+impl FanoutConfig {
+    /// Whether any prefix is served by the shared path.
+    pub fn any_shared(&self) -> bool {
+        self.topic.is_shared() || self.exchange.is_shared() || self.user.is_shared()
+    }
+}
+
+/// `[hub]`: the local fan-out hub (the embedded broker's sessions and the
+/// shared path's): each session's queue of messages not yet written to its
+/// client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {
@@ -446,7 +516,7 @@ impl Default for AmqpConfig {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             url_set: false,
-            pool_size: 4,
+            pool_size: 1,
             connect_timeout_ms: 5_000,
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,

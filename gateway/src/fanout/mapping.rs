@@ -146,10 +146,10 @@ fn header_text(v: &AMQPValue) -> Option<String> {
     })
 }
 
-/// SEND headers that are STOMP protocol, not message headers.
-const PROTOCOL_HEADERS: [&str; 6] = [
+/// SEND headers that are STOMP protocol, not message headers. (`receipt`
+/// is not among them: the plugin keeps it as a message header.)
+const PROTOCOL_HEADERS: [&str; 5] = [
     "destination",
-    "receipt",
     "content-length",
     "transaction",
     "message-id",
@@ -285,6 +285,8 @@ impl KeyIndex {
     }
 
     /// Calls `f` for each indexed destination the delivery reaches.
+    /// Patterns match the way a topic exchange matches them (a direct
+    /// exchange the same, for patterns without `*` or `#`).
     pub fn matching(&self, exchange: &str, routing_key: &str, mut f: impl FnMut(&Arc<str>)) {
         let Some(p) = self.by_exchange.get(exchange) else {
             return;
@@ -297,6 +299,16 @@ impl KeyIndex {
                 f(d);
             }
         }
+    }
+
+    /// Calls `f` for every indexed destination on `exchange` (for an
+    /// exchange that does not route by key: fanout, headers).
+    pub fn on_exchange(&self, exchange: &str, mut f: impl FnMut(&Arc<str>)) {
+        let Some(p) = self.by_exchange.get(exchange) else {
+            return;
+        };
+        p.exact.values().flatten().for_each(&mut f);
+        p.wild.iter().for_each(|(_, d)| f(d));
     }
 }
 
@@ -358,6 +370,10 @@ mod tests {
             vec!["/exchange/amq.topic/a.*", "/topic/#", "/topic/a.b"]
         );
         assert_eq!(hits(&ix, "x", "a.b"), vec!["/exchange/x/a.b"]);
+        assert!(hits(&ix, "x", "other").is_empty());
+        let mut all = Vec::new();
+        ix.on_exchange("x", |d| all.push(d.to_string()));
+        assert_eq!(all, vec!["/exchange/x/a.b"]);
         ix.remove("/topic/#");
         ix.remove("/topic/a.b");
         assert_eq!(
@@ -398,7 +414,11 @@ mod tests {
         assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some("c"));
         assert_eq!(p.expiration().as_ref().map(|s| s.as_str()), Some("1000"));
         let table = p.headers().as_ref().expect("custom headers");
-        assert_eq!(table.inner().len(), 1);
+        assert_eq!(table.inner().len(), 2);
+        assert_eq!(
+            header_text(table.inner().get("receipt").expect("receipt")).as_deref(),
+            Some("r1")
+        );
         assert_eq!(
             header_text(table.inner().get("x-custom").expect("x-custom")).as_deref(),
             Some("v")

@@ -2,10 +2,11 @@
 //! connection per browser.
 //!
 //! [`upstream::PodUpstream`] holds the pod's AMQP consumer and its
-//! bindings; [`mapping`] turns destinations, deliveries and SENDs into what
-//! RabbitMQ's STOMP plugin would have made of them. Local subscribers and
-//! the per-session outboxes are the hub's (`relay_core::hub`,
-//! `crate::embedded`).
+//! bindings; [`shared::SharedFanout`] holds the pod's shared subscriptions
+//! (the hub, `relay_core::hub`) and pushes each delivery to the sessions'
+//! outlets ([`crate::outlet`]); [`mapping`] turns destinations, deliveries
+//! and SENDs into what RabbitMQ's STOMP plugin would have made of them.
 
 pub mod mapping;
+pub mod shared;
 pub mod upstream;

@@ -1,5 +1,6 @@
 //! The pod's one upstream subscription: one AMQP connection, one channel,
-//! one exclusive, auto-delete, server-named queue with one no-ack consumer,
+//! one exclusive, auto-delete queue (named `stomp-gateway-shared-<pod>-<random>`,
+//! a prefix the router keeps every client away from) with one no-ack consumer,
 //! bound and unbound per (exchange, routing pattern) as destinations
 //! appear and disappear on this pod.
 //!
@@ -14,8 +15,8 @@
 //! again, then calls [`Sink::upstream_restored`] with how long deliveries
 //! stopped: messages published in that gap are lost for this pod's
 //! subscribers. What to do about it (keep the sessions and count the gap,
-//! or close them with an ERROR so clients resubscribe) is the sink's choice,
-//! to become a setting when the shared path is wired into sessions.
+//! or close them with an ERROR so clients resubscribe) is the sink's choice:
+//! `fanout.on_upstream_loss` (see [`super::shared`]).
 
 use super::mapping;
 use futures_util::StreamExt;
@@ -40,11 +41,31 @@ pub type Connect =
 pub trait Sink: Send + Sync + 'static {
     /// A message arrived for (exchange, routing key).
     fn deliver(&self, exchange: &str, routing_key: &str, message: Arc<SharedMessage>);
+    /// [`Sink::deliver`], saying whether any local destination matched the
+    /// routing key (the upstream then knows the key routed it).
+    fn deliver_matched(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Arc<SharedMessage>,
+    ) -> bool {
+        self.deliver(exchange, routing_key, message);
+        true
+    }
+    /// A message that no binding's routing pattern on `exchange` matches:
+    /// the exchange routes by something else (fanout ignores the key,
+    /// headers looks at headers), so every destination on it gets it.
+    fn deliver_unkeyed(&self, _exchange: &str, _routing_key: &str, _message: Arc<SharedMessage>) {}
     /// The upstream connection was lost: deliveries stop until restored.
     fn upstream_lost(&self, reason: &str);
     /// The upstream is back and every live key bound again; deliveries
     /// stopped for `gap`.
     fn upstream_restored(&self, gap: Duration);
+    /// The upstream connected (the first time, or again after a loss) with
+    /// its `queue`.
+    fn upstream_connected(&self, _queue: &str) {}
+    /// The number of bindings in place (or to be re-made) changed.
+    fn bindings_changed(&self, _bindings: usize) {}
 }
 
 /// Settings of the pod upstream.
@@ -52,6 +73,9 @@ pub trait Sink: Send + Sync + 'static {
 pub struct UpstreamSettings {
     /// Connection name shown in RabbitMQ's management UI.
     pub name: String,
+    /// The queue's name before a random suffix; starts with
+    /// [`relay_core::router::SHARED_QUEUE_PREFIX`].
+    pub queue_prefix: String,
     /// How long a binding stays after its last reference went.
     pub unbind_delay: Duration,
     /// Reconnect backoff: first delay cap, doubled per failed attempt.
@@ -86,7 +110,7 @@ enum Cmd {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamStatus {
     pub up: bool,
-    /// The server-named queue while up.
+    /// The queue while up.
     pub queue: Option<String>,
     /// Bindings in place (or, while down, to be re-made).
     pub bindings: usize,
@@ -185,7 +209,12 @@ impl Task {
     fn set_status(&self, f: impl FnOnce(&mut UpstreamStatus)) {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut s);
+        let before = s.bindings;
         s.bindings = self.refs.len();
+        drop(s);
+        if before != self.refs.len() {
+            self.sink.bindings_changed(self.refs.len());
+        }
     }
 
     async fn run(
@@ -237,6 +266,7 @@ impl Task {
                 s.queue = Some(link.queue.to_string());
             });
             info!(upstream = %self.settings.name, queue = %link.queue, bindings = self.refs.len(), "shared upstream connected");
+            self.sink.upstream_connected(link.queue.as_str());
             if let Some(at) = lost_at.take() {
                 self.sink.upstream_restored(at.elapsed());
             }
@@ -273,7 +303,12 @@ impl Task {
                                 &d.properties,
                             );
                             let m = Arc::new(SharedMessage::new(headers, d.data.into()));
-                            self.sink.deliver(d.exchange.as_str(), d.routing_key.as_str(), m);
+                            let (x, rk) = (d.exchange.as_str(), d.routing_key.as_str());
+                            if !self.sink.deliver_matched(x, rk, m.clone())
+                                && !self.routed_by_key(x, rk)
+                            {
+                                self.sink.deliver_unkeyed(x, rk, m);
+                            }
                         }
                         Some(Err(e)) => break e.to_string(),
                         None => break "the consumer was cancelled".to_owned(),
@@ -303,9 +338,15 @@ impl Task {
         let conn = (self.connect)().await?;
         let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
         let control = conn.create_channel().await.map_err(|e| e.to_string())?;
+        let name = format!(
+            "{}{:016x}",
+            self.settings.queue_prefix,
+            rand::random::<u64>()
+        );
+        let name = ShortString::try_new(name).map_err(|_| "queue name too long".to_owned())?;
         let queue = channel
             .queue_declare(
-                ShortString::from(""),
+                name,
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,
@@ -355,6 +396,18 @@ impl Task {
             .await
             .map_err(|e| e.to_string())?;
         Ok((link, consumer))
+    }
+
+    /// Whether a binding of the queue (a live one, or one waiting for its
+    /// delayed unbind) on `exchange` matches `routing_key` by pattern. Only
+    /// asked for a message no local destination matched: if one does, it
+    /// is a leftover of a destination just left; if none does, the
+    /// exchange does not route by key.
+    fn routed_by_key(&self, exchange: &str, routing_key: &str) -> bool {
+        self.refs
+            .keys()
+            .chain(self.unbind_at.keys())
+            .any(|(x, p)| x == exchange && mapping::topic_matches(p, routing_key))
     }
 
     fn while_down(&mut self, cmd: Cmd, error: &str) {
