@@ -6,6 +6,14 @@
 //! `target/e2e-logs/`; the log path (and its tail) is printed when a test
 //! fails while the gateway is alive. Logs of passing tests are removed unless
 //! `E2E_KEEP_LOGS` is set.
+//!
+//! With `E2E_FANOUT=per-session` in the environment, every
+//! [`GatewayBuilder::new`] also sets `[fanout] topic`, `exchange` and
+//! `user` to `"per-session"`, so the whole relay suite runs once more with
+//! each session's own STOMP connection serving its subscriptions instead of
+//! the pod's shared upstream (`scripts/test.sh` does this second run). Tests
+//! that only make sense on the shared path check [`per_session_mode`] and
+//! return early.
 
 use crate::http;
 use crate::stomp::{StompClient, ALL_SUBPROTOCOLS};
@@ -83,6 +91,11 @@ pub fn toml_str(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
+/// Whether `E2E_FANOUT=per-session` asks for the per-session fan-out path.
+pub fn per_session_mode() -> bool {
+    std::env::var("E2E_FANOUT").is_ok_and(|v| v == "per-session")
+}
+
 /// Builds the config file of one gateway: sections of `key = value` lines,
 /// values as TOML text. `[server] listen` and `admin_listen` are always
 /// set by [`start`](GatewayBuilder::start).
@@ -98,11 +111,13 @@ pub struct GatewayBuilder {
 
 impl GatewayBuilder {
     /// Test defaults: relay mode on the local RabbitMQ, quick system-link
-    /// reconnects and a debug log. `name` names the log and config files.
+    /// reconnects and a debug log; with `E2E_FANOUT=per-session`, the
+    /// per-session path for `/topic`, `/exchange` and `/user` (see the module
+    /// doc). `name` names the log and config files.
     pub fn new(name: &str) -> GatewayBuilder {
         let app = crate::unique("e2e.gw.app");
         let user = crate::unique("e2e.gw.user");
-        GatewayBuilder {
+        let builder = GatewayBuilder {
             name: name.to_owned(),
             sections: Vec::new(),
             env: Vec::new(),
@@ -120,7 +135,16 @@ impl GatewayBuilder {
             "log",
             "filter",
             &toml_str("info,stomp_gateway=debug,relay_core=debug"),
-        )
+        );
+        if per_session_mode() {
+            let per_session = toml_str("per-session");
+            builder
+                .set("fanout", "topic", &per_session)
+                .set("fanout", "exchange", &per_session)
+                .set("fanout", "user", &per_session)
+        } else {
+            builder
+        }
     }
 
     fn owning(mut self, section: &'static str, exchange: String) -> GatewayBuilder {
