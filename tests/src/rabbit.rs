@@ -226,3 +226,54 @@ pub async fn wait_connection_count(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// `s` percent-encoded for one segment of a management API path (connection
+/// names such as `127.0.0.1:5000 -> 127.0.0.1:5672` hold spaces and `>`).
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The management API's record of the open connection whose client named
+/// it `connection_name` (the AMQP `connection_name` client property), polled
+/// until it is listed (new connections show up after a moment).
+pub async fn wait_named_connection(
+    connection_name: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let all = management_get("/api/connections").await?;
+        let found = all.as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["client_properties"]["connection_name"] == connection_name)
+                .cloned()
+        });
+        if let Some(c) = found {
+            return Ok(c);
+        }
+        if Instant::now() >= deadline {
+            bail!("no connection named {connection_name:?} listed within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Closes connection `name` (the management API's `name`, not the client's
+/// connection name) the way an operator would: `DELETE /api/connections/<name>`.
+pub async fn close_connection(name: &str) -> Result<()> {
+    mgmt(
+        "DELETE",
+        format!("/api/connections/{}", path_segment(name)),
+        None,
+    )
+    .await?;
+    Ok(())
+}
