@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, codec and end-to-end tests (real stomp-gateway
-# binary against the local RabbitMQ), then the Node @stomp/stompjs and
-# sockjs-client compatibility tests, the demo page in headless Chromium, then the cluster tests (several gateways, drain,
-# broker restart, failover) with a throwaway two-node RabbitMQ cluster next
-# to the main node (scripts/rabbitmq-test-cluster.sh; stopped again on exit).
+# binary against the local RabbitMQ), the relay-path suites once more on the
+# per-session fan-out path, then the Node @stomp/stompjs and sockjs-client
+# compatibility tests (also once more per-session), the demo page in headless
+# Chromium, then the cluster tests (several gateways, drain, broker restart,
+# failover) with a throwaway two-node RabbitMQ cluster next to the main node
+# (scripts/rabbitmq-test-cluster.sh; stopped again on exit).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,6 +14,12 @@ scripts/rabbitmq-setup.sh
 # The e2e tests spawn target/debug/stomp-gateway; build it first.
 cargo build --workspace --bins
 cargo test --workspace
+# The suites that exercise relayed destinations once more on the per-session
+# fan-out path (E2E_FANOUT=per-session: [fanout] topic/exchange/user =
+# "per-session", each session's own STOMP connection instead of the pod's
+# shared upstream; tests/src/gateway.rs). Shared-path-only tests skip.
+E2E_FANOUT=per-session cargo test --workspace --test relay --test protocol \
+  --test security --test control_plane --test chat --test fanout
 
 if [[ -f tests/node/package-lock.json ]]; then
   npm ci --prefix tests/node --no-audit --no-fund
@@ -21,6 +29,12 @@ fi
 # The README's client example (examples/node-client), which the Node tests run.
 npm ci --prefix examples/node-client --no-audit --no-fund
 npm test --prefix tests/node
+# The @stomp/stompjs, SockJS and heart-beat tests again on the per-session
+# path: gateway-process.js reads E2E_FANOUT; the GATEWAY__FANOUT__* variables
+# reach the gateways the other test files configure themselves.
+(cd tests/node && E2E_FANOUT=per-session GATEWAY__FANOUT__TOPIC=per-session \
+  GATEWAY__FANOUT__EXCHANGE=per-session GATEWAY__FANOUT__USER=per-session \
+  node --test --test-reporter=spec test/gateway.test.js test/sockjs.test.js test/heartbeat.test.js)
 
 scripts/validate-deploy.sh   # Helm, kustomize, compose, HAProxy, Prometheus, dashboard (offline)
 

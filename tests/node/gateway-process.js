@@ -1,6 +1,8 @@
 // Starts the real stomp-gateway binary with a generated config for the SockJS
 // and browser tests (tests/node/test/sockjs.test.js, tests/browser/).
 // The binary is $STOMP_GATEWAY_BIN, else <target>/debug/stomp-gateway.
+// With E2E_FANOUT=per-session the config selects the per-session fan-out
+// path ([fanout] topic/exchange/user = "per-session").
 'use strict';
 
 const { spawn } = require('node:child_process');
@@ -58,6 +60,12 @@ async function startGateway(name, sections = {}, extra = '') {
     user: { exchange: `"${own[1]}"` },
     log: { filter: '"info,stomp_gateway=debug"' },
   };
+  // E2E_FANOUT=per-session (the second run in scripts/test.sh): each
+  // session's own STOMP connection serves /topic, /exchange and /user
+  // subscriptions instead of the pod's shared upstream.
+  if (process.env.E2E_FANOUT === 'per-session') {
+    base.fanout = { topic: '"per-session"', exchange: '"per-session"', user: '"per-session"' };
+  }
   // The exchanges this launcher named itself (a test that sets its own
   // app or user exchange cleans that one up); deleted by stop().
   const owned = own.filter((_, i) => !(sections[['app', 'user'][i]] || {}).exchange);
