@@ -137,11 +137,7 @@ impl GatewayBuilder {
             &toml_str("info,stomp_gateway=debug,relay_core=debug"),
         );
         if per_session_mode() {
-            let per_session = toml_str("per-session");
-            builder
-                .set("fanout", "topic", &per_session)
-                .set("fanout", "exchange", &per_session)
-                .set("fanout", "user", &per_session)
+            builder.per_session()
         } else {
             builder
         }
@@ -172,6 +168,17 @@ impl GatewayBuilder {
             None => keys.push((key.to_owned(), value.to_owned())),
         }
         self
+    }
+
+    /// Serves `/topic`, `/exchange` and `/user` on each session's own STOMP
+    /// connection, opened at CONNECT (`[fanout]` all `"per-session"`): for
+    /// tests of that connection itself (its failures, its limits, its
+    /// metrics), which the shared path would not exercise.
+    pub fn per_session(self) -> GatewayBuilder {
+        let per_session = toml_str("per-session");
+        self.set("fanout", "topic", &per_session)
+            .set("fanout", "exchange", &per_session)
+            .set("fanout", "user", &per_session)
     }
 
     /// Sets a string value (quoted for TOML).

@@ -1159,8 +1159,10 @@ async fn slow_consumer_on_the_shared_path_is_dropped_while_others_keep_receiving
     }
     let gw = Gateway::builder("fanout_slow_consumer")
         .set("session", "outbound_buffer_bytes", "65536")
-        // Above the 10 x 16 KiB the fast subscriber may have in flight.
-        .set("hub", "max_queued_bytes", "262144")
+        // Well above the 2 x 10 x 16 KiB the fast subscriber may have in
+        // flight (the publisher waits for it every 10 messages), even on a
+        // loaded machine.
+        .set("hub", "max_queued_bytes", "1048576")
         .start()
         .await;
     let key = unique("firehose");
@@ -1190,7 +1192,7 @@ async fn slow_consumer_on_the_shared_path_is_dropped_while_others_keep_receiving
         anyhow::Ok(N)
     });
     // 1,500 x 16 KiB = 24 MiB, far more than socket buffers, the session's
-    // 64 KiB and the hub's 256 KiB hold for a client that reads nothing.
+    // 64 KiB and the hub's 1 MiB hold for a client that reads nothing.
     let filler = "x".repeat(16 * 1024 - 16);
     let amqp = Amqp::connect().await?;
     for i in 0..N {

@@ -938,6 +938,8 @@ async fn large_broker_messages() -> Result<()> {
     c.disconnect().await?;
 
     let gw = Gateway::builder("hostile_big_message_limit")
+        // The relay leg's frame limit: a shared subscription never meets it.
+        .per_session()
         .set("broker", "max_frame_size", "65536")
         .start()
         .await;

@@ -122,6 +122,8 @@ where
 #[tokio::test]
 async fn relay_traffic_moves_sessions_frames_and_latencies() -> Result<()> {
     let gw = Gateway::builder("metrics_relay_traffic")
+        // About the session's own STOMP connection: opened at CONNECT.
+        .per_session()
         .set_str("server", "pod_id", "pod-metrics")
         .set("log", "stats_interval_ms", "100")
         .start()
@@ -326,6 +328,8 @@ async fn refusals_count_auth_failures_limits_and_client_errors() -> Result<()> {
 async fn broker_loss_counts_link_losses_and_reconnects() -> Result<()> {
     let proxy = Proxy::to_rabbitmq().await?;
     let gw = Gateway::builder("metrics_broker_loss")
+        // About the session's own STOMP connection: opened at CONNECT.
+        .per_session()
         .broker_addresses(&[proxy.address()])
         .start()
         .await;
@@ -373,6 +377,8 @@ async fn broker_loss_counts_link_losses_and_reconnects() -> Result<()> {
     // A broker that is not there at all: session connect attempts fail.
     let dead = format!("127.0.0.1:{}", free_port());
     let gw = Gateway::builder("metrics_broker_down")
+        // Session broker connects happen at CONNECT only per-session.
+        .per_session()
         .broker_addresses(&[dead])
         .set("broker", "connect_timeout_ms", "1000")
         .start_unready()

@@ -16,6 +16,8 @@ fn series(text: &str, prefix: &str) -> Result<f64> {
 #[tokio::test]
 async fn metrics_count_sessions_and_frames_per_pod() -> Result<()> {
     let gw = Gateway::builder("metrics_count_sessions_and_frames_per_pod")
+        // About the session's own STOMP connection: opened at CONNECT.
+        .per_session()
         .set_str("server", "pod_id", "pod-e2e")
         .start()
         .await;

@@ -189,6 +189,8 @@ async fn browser_credentials_are_replaced_by_configured_ones() -> Result<()> {
 #[tokio::test]
 async fn wrong_configured_client_passcode_relays_broker_error() -> Result<()> {
     let gw = Gateway::builder("wrong_client_passcode")
+        // About the session's own STOMP connection: opened at CONNECT.
+        .per_session()
         .set_str("broker", "client_passcode", "definitely-not-the-passcode")
         .start()
         .await;

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 async fn broker_leg_cut_gives_error_and_gateway_keeps_serving() -> Result<()> {
     let proxy = Proxy::to_rabbitmq().await?;
     let gw = Gateway::builder("broker_leg_cut")
+        // About the session's own STOMP connection: opened at CONNECT.
+        .per_session()
         .broker_addresses(&[proxy.address()])
         .start()
         .await;
@@ -64,6 +66,8 @@ async fn broker_leg_cut_gives_error_and_gateway_keeps_serving() -> Result<()> {
 async fn broker_down_at_connect_gives_prompt_error() -> Result<()> {
     let dead = format!("127.0.0.1:{}", free_port());
     let gw = Gateway::builder("broker_down_at_connect")
+        // About the session's own STOMP connection: opened at CONNECT.
+        .per_session()
         .broker_addresses(&[dead])
         .set("broker", "connect_timeout_ms", "2000")
         .start_unready()
@@ -111,6 +115,8 @@ async fn broker_connections_return_to_baseline_after_200_clients() -> Result<()>
     let mut topo = Topology::new();
     topo.vhost(&vhost).await?;
     let gw = Gateway::builder("connections_back_to_baseline")
+        // About the session's own STOMP connection: opened at CONNECT.
+        .per_session()
         .set_str("broker", "virtual_host", &vhost)
         .start()
         .await;

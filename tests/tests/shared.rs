@@ -70,6 +70,7 @@ fn start(unbind_delay: Duration) -> Pod {
     let upstream = PodUpstream::start(
         UpstreamSettings {
             name: name.clone(),
+            queue_prefix: format!("{}{name}-", relay_core::router::SHARED_QUEUE_PREFIX),
             unbind_delay,
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(1),

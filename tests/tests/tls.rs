@@ -72,7 +72,9 @@ async fn relay_through_broker_tls() -> Result<()> {
     let pki = Pki::generate("relay")?;
     let term = TlsTerminator::start(&pki, "127.0.0.1:61613").await?;
     let gw = with_broker_tls(
-        Gateway::builder("tls_relay"),
+        Gateway::builder("tls_relay")
+            // Each session's own STOMP connection, opened at CONNECT.
+            .per_session(),
         &[term.address()],
         &pki.ca_path(),
     )
@@ -125,7 +127,9 @@ async fn untrusted_broker_certificate_is_reported() -> Result<()> {
     // The gateway trusts a different CA than the one that signed the
     // terminator's certificate.
     let mut gw = with_broker_tls(
-        Gateway::builder("tls_untrusted"),
+        Gateway::builder("tls_untrusted")
+            // Each session's own STOMP connection, opened at CONNECT.
+            .per_session(),
         &[term.address()],
         &other.ca_path(),
     )
