@@ -138,6 +138,7 @@ pub async fn run<T: ClientTransport>(
         closing_brokers: Vec::new(),
         broker_address: None,
         publishes: FuturesUnordered::new(),
+        decode_paused: false,
         fanout_key: None,
         publish_key: rand::random(),
         last_publish: None,
@@ -272,6 +273,8 @@ pub async fn run<T: ClientTransport>(
             }
         }
         d.run_actions();
+        d.resume_decoding();
+        d.run_actions();
         d.flush_broker();
         let on_shared = d.session.shared_subscription_count();
         subscriptions.set(d.session.subscription_count().saturating_sub(on_shared));
@@ -350,6 +353,9 @@ struct Driver {
     broker_address: Option<String>,
     /// Application publishes awaiting their confirm.
     publishes: FuturesUnordered<PublishFuture>,
+    /// Client bytes wait in the decoder for the relay leg (see
+    /// [`Driver::decode`]).
+    decode_paused: bool,
     /// This session in the shared fan-out, once it subscribed there.
     fanout_key: Option<SessionKey>,
     /// Picks this session's AMQP publish channel, and the previous
@@ -423,12 +429,29 @@ impl Driver {
         self.session.handle_client_activity(now);
         self.decoder.extend(data);
         self.client_read_at = Some(now);
+        self.decode(now);
+    }
+
+    /// Decodes and handles what the client sent, until a frame has to wait
+    /// for the relay leg to connect: the frames after it wait as bytes in
+    /// the decoder (no more than the WebSocket message they came in, as the
+    /// client is not read meanwhile) and [`Driver::resume_decoding`] goes on
+    /// once the leg is up. So a burst sent right after CONNECTED never runs
+    /// into `session.max_pending_frames`, and order is kept.
+    fn decode(&mut self, now: Instant) {
+        self.decode_paused = false;
         loop {
+            if self.session.holds_relay_frames() {
+                self.decode_paused = self.decoder.buffered() > 0;
+                break;
+            }
             match self.decoder.decode() {
                 Ok(Some(Item::Frame(frame))) => {
                     self.shared.metrics.frames_received.inc(frame.command);
                     if matches!(frame.command, Command::Connect | Command::Stomp) {
                         self.connect_read_at.get_or_insert(now);
+                        self.session
+                            .set_broker_unavailable(self.broker_unavailable());
                     }
                     self.session.handle_client_frame(now, frame);
                     // CONNECT fixes the escaping rules for what follows.
@@ -445,9 +468,31 @@ impl Driver {
                 }
             }
         }
-        // A half-sent frame starts the frame-completion clock.
+        // A half-sent frame starts the frame-completion clock (bytes held
+        // back for the relay leg are whole frames, or were sent with them).
         self.session
-            .handle_client_partial(now, self.decoder.buffered() > 0);
+            .handle_client_partial(now, !self.decode_paused && self.decoder.buffered() > 0);
+    }
+
+    /// Why RabbitMQ cannot be reached now, when the shared path serves this
+    /// gateway and its upstream is down (a CONNECT then gets an ERROR at
+    /// once, as when the relay leg opened at CONNECT cannot connect).
+    fn broker_unavailable(&self) -> Option<String> {
+        let fanout = self.shared.fanout.as_ref()?;
+        let status = fanout.upstream();
+        (!status.up).then(|| {
+            status
+                .last_error
+                .unwrap_or_else(|| "the shared upstream is not connected to RabbitMQ yet".into())
+        })
+    }
+
+    /// Goes on decoding what [`Driver::decode`] held back, once nothing
+    /// waits for the relay leg any more.
+    fn resume_decoding(&mut self) {
+        if self.decode_paused && !self.session.holds_relay_frames() && !self.session.is_closed() {
+            self.decode(Instant::now());
+        }
     }
 
     fn on_broker_item(&mut self, item: Result<Item, BrokerError>) {

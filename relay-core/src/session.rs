@@ -400,6 +400,8 @@ pub struct Session {
     broker_version: Version,
     actions: VecDeque<Action>,
     pending: VecDeque<Frame>,
+    /// See [`Session::set_broker_unavailable`].
+    broker_unavailable: Option<String>,
     subscriptions: HashSet<String>,
     close_reason: Option<CloseReason>,
     /// Timer base for CONNECT / broker answer deadlines.
@@ -463,6 +465,7 @@ impl Session {
             broker_version: Version::V1_2,
             actions: VecDeque::new(),
             pending: VecDeque::new(),
+            broker_unavailable: None,
             subscriptions: HashSet::new(),
             close_reason: None,
             phase_started: now,
@@ -926,6 +929,15 @@ impl Session {
     }
 
     /// The broker connection could not be opened, or was lost.
+    /// Whether the driver knows the broker cannot be reached now (`Some`
+    /// with why): a CONNECT that would not open the relay leg at once (the
+    /// shared path) is then answered as a failed relay leg would be, with
+    /// ERROR `broker unavailable` and a close, instead of a CONNECTED the
+    /// session could do nothing with. Set it before handing over CONNECT.
+    pub fn set_broker_unavailable(&mut self, why: Option<String>) {
+        self.broker_unavailable = why;
+    }
+
     pub fn handle_broker_failed(&mut self, now: Instant, reason: &str) {
         if self.relay == Relay::Absent {
             // No leg (or one closed after its flush): nothing to lose.
@@ -1186,6 +1198,15 @@ impl Session {
             self.state = State::ConnectingBroker;
             self.phase_started = now;
             self.open_relay(now);
+        } else if let Some(why) = self.broker_unavailable.take() {
+            self.emit_client(
+                now,
+                Frame::error(
+                    "broker unavailable",
+                    format!("the connection to the message broker failed: {why}"),
+                ),
+            );
+            self.finish(CloseReason::BrokerLost(why), true);
         } else {
             self.answer_connected(now);
         }
@@ -3911,6 +3932,31 @@ mod tests {
         assert!(app_publish(&acts).exchange.is_none(), "{acts:?}");
         s.handle_shared_subscribed(t0 + 5_000 * MS, "1");
         assert_eq!(drain(&mut s), vec![client_receipt("r1")]);
+    }
+
+    #[test]
+    fn connect_without_a_relay_leg_is_refused_while_the_broker_is_unavailable() {
+        let t0 = Instant::now();
+        let config = Arc::new(SessionConfig {
+            open_relay_at_connect: false,
+            ..SessionConfig::default()
+        });
+        let connect = Frame::new(Command::Connect).with_header("accept-version", "1.2");
+        let mut s = Session::new(config.clone(), "down", t0);
+        s.set_broker_unavailable(Some("shared upstream: connection refused".into()));
+        s.handle_client_frame(t0, connect.clone());
+        let acts: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert!(
+            matches!(&acts[0], Action::Client(ToClient::Frame(f)) if f.command == Command::Error
+                && f.header("message") == Some("broker unavailable")),
+            "{acts:?}"
+        );
+        assert!(s.is_closed());
+        assert_eq!(s.close_reason().map(CloseReason::ws_code), Some(1011));
+        let mut s = Session::new(config, "up", t0);
+        s.set_broker_unavailable(None);
+        s.handle_client_frame(t0, connect);
+        assert!(s.is_connected());
     }
 
     #[test]

@@ -288,6 +288,11 @@ impl SharedFanout {
         }
     }
 
+    /// The upstream's state (without touching the hub).
+    pub fn upstream(&self) -> UpstreamStatus {
+        self.upstream.status()
+    }
+
     pub fn stats(&self) -> SharedStats {
         let st = self.inner.lock();
         SharedStats {
