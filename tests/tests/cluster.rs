@@ -1104,6 +1104,11 @@ async fn broker_restart(pod: &mut Pod, a: TestNode) -> Result<()> {
 async fn failover_moves_system_link_sessions_and_amqp_to_the_second_node() -> Result<()> {
     let (a, b) = test_cluster().await;
     let (builder, app_exchange) = node_builder("failover", &[a, b], a);
+    // About each session's own STOMP connection (lost with the node, the
+    // client told); a shared subscription would stay and be re-bound on the
+    // second node by the pod upstream, which fails over like the control
+    // connection (the same amqp.failover_urls).
+    let builder = builder.per_session();
     let builder = builder.set(
         "amqp",
         "failover_urls",
