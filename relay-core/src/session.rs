@@ -873,6 +873,11 @@ impl Session {
             (_, Command::Connected) if self.relay == Relay::Opening => {
                 self.on_relay_connected(now, frame)
             }
+            (_, Command::Error) if self.is_late_unsubscribe_error(&frame) => {
+                // RabbitMQ's STOMP plugin reports a delivery that crossed an
+                // UNSUBSCRIBE this way and keeps the connection open: not
+                // the client's business, and no reason to end the session.
+            }
             (_, Command::Error) => {
                 let message = frame.header("message").unwrap_or("(no message)").to_owned();
                 self.emit_client(now, frame);
@@ -1675,6 +1680,24 @@ impl Session {
             headers,
             body: frame.body,
         }));
+    }
+
+    /// Whether a broker ERROR is the STOMP plugin's `Subscription not found`
+    /// for a subscription this session no longer has (a message that was on
+    /// its way when the client unsubscribed): `There is no current
+    /// subscription with tag 'T_<id>'.`
+    fn is_late_unsubscribe_error(&self, frame: &Frame) -> bool {
+        if frame.header("message") != Some("Subscription not found") {
+            return false;
+        }
+        let body = String::from_utf8_lossy(&frame.body);
+        let Some(rest) = body.split("'T_").nth(1) else {
+            return false;
+        };
+        let Some((id, _)) = rest.rsplit_once('\'') else {
+            return false;
+        };
+        !self.subscriptions.contains(id)
     }
 
     /// Gives a MESSAGE of a user-destination subscription the destination
@@ -3932,6 +3955,42 @@ mod tests {
         assert!(app_publish(&acts).exchange.is_none(), "{acts:?}");
         s.handle_shared_subscribed(t0 + 5_000 * MS, "1");
         assert_eq!(drain(&mut s), vec![client_receipt("r1")]);
+    }
+
+    #[test]
+    fn the_plugins_late_subscription_not_found_error_does_not_end_the_session() {
+        let t0 = Instant::now();
+        let mut s = Session::new(Arc::new(SessionConfig::default()), "late", t0);
+        s.handle_client_frame(
+            t0,
+            Frame::new(Command::Connect).with_header("accept-version", "1.2"),
+        );
+        s.handle_broker_frame(
+            t0,
+            Frame::new(Command::Connected).with_header("version", "1.2"),
+        );
+        let sub = |id: &str| {
+            Frame::new(Command::Subscribe)
+                .with_header("id", id)
+                .with_header("destination", "/topic/t")
+        };
+        s.handle_client_frame(t0, sub("a"));
+        s.handle_client_frame(t0, sub("b"));
+        s.handle_client_frame(t0, Frame::new(Command::Unsubscribe).with_header("id", "a"));
+        while s.poll_action().is_some() {}
+        let late = |id: &str| {
+            Frame::new(Command::Error)
+                .with_header("message", "Subscription not found")
+                .with_body(format!(
+                    "There is no current subscription with tag 'T_{id}'."
+                ))
+        };
+        s.handle_broker_frame(t0, late("a"));
+        assert!(s.poll_action().is_none(), "dropped");
+        assert!(s.is_connected());
+        // For a subscription the session still has, it is a real error.
+        s.handle_broker_frame(t0, late("b"));
+        assert!(s.is_closed());
     }
 
     #[test]
