@@ -827,8 +827,9 @@ fn describe(case: &str, p: &Value) -> String {
              sustained, then bisecting to within {} %; a step is sustained when publishers sent and \
              subscribers received at least {} % of the offered rate, the in-flight count grew by at \
              most {} % of the rate per second (least-squares slope over the window, sampled every \
-             250 ms), and the mean latency of the window's last quarter stayed under twice the first \
-             quarter's + {} ms",
+             250 ms), the mean latency of the window's last quarter stayed under twice the first \
+             quarter's + {} ms and the window's p99 under {} ms; a step not sustained was tried {} \
+             more time(s) before its rate counted as not sustained",
             n("pairs"),
             n("size"),
             s("duration_s"),
@@ -837,7 +838,9 @@ fn describe(case: &str, p: &Value) -> String {
             p["precision"].as_f64().map_or("?".into(), |x| format!("{}", x * 100.0)),
             p["tolerance"].as_f64().map_or("?".into(), |x| format!("{}", 100.0 - x * 100.0)),
             p["tolerance"].as_f64().map_or("?".into(), |x| format!("{}", x * 100.0)),
-            s("latency_slack_ms")
+            s("latency_slack_ms"),
+            s("max_p99_ms"),
+            n("retries")
         ),
         _ => String::new(),
     }
