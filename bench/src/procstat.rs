@@ -72,7 +72,7 @@ pub fn read(pid: u32, clk_tck: f64) -> Result<Reading> {
     })
 }
 
-fn clk_tck() -> f64 {
+pub fn clk_tck() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
         Ok(Some(t)) if t > 0 => t as f64,
         _ => 100.0,

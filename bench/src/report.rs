@@ -829,7 +829,8 @@ fn describe(case: &str, p: &Value) -> String {
              most {} % of the rate per second (least-squares slope over the window, sampled every \
              250 ms), the mean latency of the window's last quarter stayed under twice the first \
              quarter's + {} ms and the window's p99 under {} ms; a step not sustained was tried {} \
-             more time(s) before its rate counted as not sustained",
+             more time(s) before its rate counted as not sustained; before every step the search \
+             waited until RabbitMQ and the gateway were idle (under {} % of a core)",
             n("pairs"),
             n("size"),
             s("duration_s"),
@@ -840,7 +841,8 @@ fn describe(case: &str, p: &Value) -> String {
             p["tolerance"].as_f64().map_or("?".into(), |x| format!("{}", x * 100.0)),
             s("latency_slack_ms"),
             s("max_p99_ms"),
-            n("retries")
+            n("retries"),
+            s("settle_cpu_pct")
         ),
         _ => String::new(),
     }

@@ -8,10 +8,16 @@
 //! fails (or halves until one passes), then bisects between the best pass
 //! and the lowest failure. A failed step is tried again (`--retries`): on a
 //! shared machine other processes only ever slow a path down, so the best
-//! of two attempts is the better estimate of what the path can carry. Unlike an open-loop run this measures a transit capacity, not
+//! of two attempts is the better estimate of what the path can carry.
+//! Before every step the search waits until the measured processes
+//! (`--measure-pid`: RabbitMQ, the gateway) are idle again, so a step does
+//! not pay for the previous, overloaded step's leftovers (RabbitMQ keeps
+//! working through a failed step's backlog for seconds after its sessions
+//! closed). Unlike an open-loop run this measures a transit capacity, not
 //! how the broker splits its CPU between taking messages in and out.
 
 use crate::common::{positive, Common, Ctx, Outcome};
+use crate::procstat;
 use crate::progress;
 use crate::throughput::{self, Params, RunArgs};
 use anyhow::{bail, Result};
@@ -63,6 +69,13 @@ pub struct SearchArgs {
     /// counts as not sustained.
     #[arg(long, default_value_t = 1)]
     pub retries: usize,
+    /// Before each step, wait until every `--measure-pid` process uses less
+    /// than this share of one core (percent, over 1 s)...
+    #[arg(long, default_value_t = 15.0, value_name = "PCT")]
+    pub settle_cpu: f64,
+    /// ...or at most this many seconds.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub settle_max: f64,
     /// Seconds between steps (RabbitMQ drops the previous step's queues).
     #[arg(long, default_value_t = 2.0, value_name = "SECS")]
     pub pause: f64,
@@ -173,6 +186,33 @@ impl Bracket {
     }
 }
 
+/// Waits until every watched process used less than `pct` % of a core over
+/// the last second, or `max` seconds; returns the seconds waited.
+async fn settle(ctx: &Ctx, pct: f64, max: f64) -> f64 {
+    let start = std::time::Instant::now();
+    let tck = procstat::clk_tck();
+    let cpu = || -> Vec<Option<f64>> {
+        ctx.watched
+            .iter()
+            .map(|w| procstat::read(w.pid, tck).ok().map(|r| r.cpu_s))
+            .collect()
+    };
+    let mut before = cpu();
+    while start.elapsed().as_secs_f64() < max {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu();
+        let busy = before.iter().zip(&now).any(|(a, b)| match (a, b) {
+            (Some(a), Some(b)) => (b - a) * 100.0 > pct,
+            _ => false,
+        });
+        if !busy {
+            break;
+        }
+        before = now;
+    }
+    procstat::round3(start.elapsed().as_secs_f64())
+}
+
 impl SearchArgs {
     pub async fn run(&self, ctx: &Arc<Ctx>) -> Result<Outcome> {
         if self.pairs == 0 {
@@ -199,6 +239,7 @@ impl SearchArgs {
                 break;
             }
             let n = steps.len() + 1;
+            let settle_s = settle(ctx, self.settle_cpu, self.settle_max).await;
             let errors_before = ctx.error_count();
             let params = Params {
                 publishers: self.pairs,
@@ -260,6 +301,7 @@ impl SearchArgs {
                 "step": n,
                 "offered_per_s": r,
                 "attempt": attempt + 1,
+                "settle_s": settle_s,
                 "pass": verdict.pass,
                 "reasons": verdict.reasons,
                 "sent_per_s": figures.sent_per_s,
@@ -317,6 +359,8 @@ impl SearchArgs {
             "tolerance": self.tolerance,
             "latency_slack_ms": self.latency_slack_ms,
             "max_p99_ms": self.max_p99_ms,
+            "settle_cpu_pct": self.settle_cpu,
+            "settle_max_s": self.settle_max,
             "retries": self.retries,
             "warmup_s": self.run.warmup,
             "duration_s": self.run.duration,
