@@ -19,7 +19,9 @@
 #   4. for each case, R rounds over the targets (A B C A B C ...); before
 #      every gateway run a fresh gateway with that target's configuration is
 #      started on free ports (and stopped after it), sampling CPU and RSS of
-#      the gateway and of RabbitMQ's beam.smp
+#      the gateway and of RabbitMQ's beam.smp; after every run, wait until
+#      RabbitMQ's connection and queue counts are back to where they were at
+#      the start (at most 180 s), so no run pays for the last one's cleanup
 #   5. stomp-load report: medians over rounds -> markdown table with targets,
 #      SVG latency plot
 #
@@ -254,6 +256,28 @@ else
 fi
 RABBIT_VERSION="$(rmqctl version 2>/dev/null || echo unknown)"
 
+# RabbitMQ's connection and queue counts ("C Q"), for waiting out a run's
+# cleanup: closing 10,000 connections and deleting their queues takes
+# RabbitMQ tens of seconds, and a run started meanwhile pays for it.
+rabbit_counts() {
+  rmqctl -q eval '{length(rabbit_connection_tracking:list()), length(rabbit_amqqueue:list())}.' 2>/dev/null |
+    tr -c '0-9\n' ' ' | awk '{print $1, $2}'
+}
+read -r BASE_CONNS BASE_QUEUES <<<"$(rabbit_counts)"
+BASE_CONNS="${BASE_CONNS:-0}"
+BASE_QUEUES="${BASE_QUEUES:-0}"
+wait_rabbit_quiet() {
+  local c q deadline=$((SECONDS + 180))
+  while read -r c q <<<"$(rabbit_counts)"; [[ -n "$c" && -n "$q" ]]; do
+    ((c <= BASE_CONNS + 5 && q <= BASE_QUEUES + 5)) && return 0
+    if ((SECONDS >= deadline)); then
+      log "WARNING: RabbitMQ still has $c connections and $q queues (at start: $BASE_CONNS, $BASE_QUEUES); going on"
+      return 0
+    fi
+    sleep 2
+  done
+}
+
 # ---- 4. the gateway -----------------------------------------------------------
 GW_PID=""
 GW_URL=""
@@ -429,6 +453,7 @@ run_case() {
     log "  FAILED with status $status (log: $OUT/logs/$name.log)"
   fi
   stop_gateway
+  wait_rabbit_quiet
   sleep "$PAUSE_SECS"
 }
 
