@@ -406,7 +406,10 @@ FULL[latency]="throughput --publishers 1 --subscribers 1 --size 100 --rate 2000 
 FULL[fanout]="fanout --subscribers 500 --rate 20 --size 100 --warmup 2 --duration 10 --concurrency 50 --source-ips $SOURCE_IPS"
 FULL[connect-storm]="connect-storm --sessions 2000 --concurrency 50 --source-ips $SOURCE_IPS"
 FULL[idle]="idle --sessions 5000 --concurrency 100 --hold 30 --heart-beat 10000,10000 --source-ips $SOURCE_IPS"
-FULL[fanout-wide]="fanout --subscribers 10000 --rate 10 --size 100 --warmup 5 --duration 20 --concurrency 100 --drain-max 60 --rabbitmq-counts --source-ips $SOURCE_IPS"
+# Heart-beats as stomp.js sends them by default: setting up 10,000 sessions
+# takes RabbitMQ minutes, and Web-STOMP closes a WebSocket that has been
+# silent for 60 s, which took the first subscribers out of earlier runs.
+FULL[fanout-wide]="fanout --subscribers 10000 --rate 10 --size 100 --warmup 5 --duration 20 --concurrency 100 --drain-max 60 --heart-beat 10000,10000 --rabbitmq-counts --source-ips $SOURCE_IPS"
 FULL[idle-subscribed]="idle --sessions 5000 --concurrency 100 --hold 30 --heart-beat 10000,10000 --subscribe /topic/idle.room --rabbitmq-counts --source-ips $SOURCE_IPS"
 FULL[paced]="paced-search --pairs 10 --size 100 --start 2000 --max-rate 100000 --warmup 2 --duration 10 --drain-idle 1 --drain-max 5 --precision 0.05 --max-steps 10"
 # Quick mode stays light on a shared machine: even "throughput" is paced.
