@@ -22,14 +22,11 @@ use std::sync::Arc;
 pub const TOPIC_EXCHANGE: &str = "amq.topic";
 
 /// The (exchange, routing pattern) a shared destination is bound with;
-/// `None` if it is not a shared destination.
+/// `None` if it is not a shared destination. The session core decided the
+/// destination is shared with the same reading
+/// ([`relay_core::router::amqp_target`], the STOMP plugin's: `%2F` is `/`).
 pub fn binding_of(destination: &str) -> Option<(String, String)> {
-    if let Some(key) = destination.strip_prefix("/topic/") {
-        return (!key.is_empty()).then(|| (TOPIC_EXCHANGE.to_owned(), key.to_owned()));
-    }
-    let rest = destination.strip_prefix("/exchange/")?;
-    let (exchange, pattern) = rest.split_once('/').unwrap_or((rest, ""));
-    (!exchange.is_empty()).then(|| (exchange.to_owned(), pattern.to_owned()))
+    relay_core::router::amqp_target(destination)
 }
 
 /// The `destination` header of a delivery, as the STOMP plugin writes it:
@@ -321,7 +318,9 @@ mod tests {
         let b = |d: &str| binding_of(d).map(|(x, p)| format!("{x} {p}"));
         assert_eq!(b("/topic/a.b").as_deref(), Some("amq.topic a.b"));
         assert_eq!(b("/exchange/x/a.*").as_deref(), Some("x a.*"));
-        assert_eq!(b("/exchange/x/a/b").as_deref(), Some("x a/b"));
+        // The plugin refuses a second `/`; `%2F` stands for one.
+        assert_eq!(b("/exchange/x/a/b"), None);
+        assert_eq!(b("/exchange/x/a%2Fb").as_deref(), Some("x a/b"));
         assert_eq!(b("/exchange/x").as_deref(), Some("x "));
         assert_eq!(b("/topic/"), None);
         assert_eq!(b("/exchange/"), None);
