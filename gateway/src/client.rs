@@ -741,72 +741,73 @@ impl Driver {
     /// session hears the confirm (or the refusal) through
     /// `handle_publish_result`.
     fn publish(&mut self, p: AppPublish) {
-        if let Some(exchange) = p.exchange {
-            let mut headers = p.headers;
-            if let Some(ct) = p.content_type {
-                headers.insert(0, ("content-type".into(), ct));
-            }
-            let id = p.id;
-            let properties = match mapping::send_properties(&headers) {
-                Ok(props) => props,
-                Err(e) => {
-                    let err = PublishError::Rejected(e.to_string());
-                    self.publishes.push(Box::pin(async move { (id, Err(err)) }));
-                    return;
+        let id = p.id;
+        // Only `/app` SENDs are timed (`app_publish_confirm_duration_seconds`).
+        let (msg, confirm) = match p.exchange {
+            Some(exchange) => {
+                let mut headers = p.headers;
+                if let Some(ct) = p.content_type {
+                    headers.insert(0, ("content-type".into(), ct));
                 }
-            };
-            let msg = OutboundMessage {
-                exchange,
-                routing_key: p.routing_key,
-                headers: Vec::new(),
-                content_type: None,
-                message_id: None,
-                body: p.body,
-                // A SEND to a topic nobody listens on is dropped, as the
-                // STOMP plugin does.
-                mandatory: false,
-                persistent: false,
-                properties: Some(properties),
-            };
-            let control = self.shared.control.clone();
-            let seq = Sequence::next(self.publish_key, &mut self.last_publish);
-            self.publishes.push(Box::pin(async move {
-                let result = control.publish_in(msg, seq).await;
-                (id, result)
-            }));
-            return;
-        }
-        // STOMP's `persistent:true` (RabbitMQ's own convention) becomes AMQP
-        // delivery mode 2, so a durable backend queue keeps the message.
-        let persistent = p
-            .headers
-            .iter()
-            .any(|(k, v)| k == "persistent" && v.eq_ignore_ascii_case("true"));
-        let mut headers = p.headers;
-        headers.push(("stomp-session".into(), self.session.id().to_owned()));
-        if let Some(user) = self.session.user() {
-            headers.push(("stomp-user".into(), user.to_owned()));
-        }
-        headers.push(("stomp-destination".into(), p.destination));
-        let msg = OutboundMessage {
-            exchange: self.shared.config.app.exchange.clone(),
-            routing_key: p.routing_key,
-            headers,
-            content_type: p.content_type,
-            message_id: None,
-            body: p.body,
-            mandatory: true,
-            persistent,
-            properties: None,
+                let properties = match mapping::send_properties(&headers) {
+                    Ok(props) => props,
+                    Err(e) => {
+                        let err = PublishError::Rejected(e.to_string());
+                        self.publishes.push(Box::pin(async move { (id, Err(err)) }));
+                        return;
+                    }
+                };
+                let msg = OutboundMessage {
+                    exchange,
+                    routing_key: p.routing_key,
+                    headers: Vec::new(),
+                    content_type: None,
+                    message_id: None,
+                    body: p.body,
+                    // A SEND to a topic nobody listens on is dropped, as the
+                    // STOMP plugin does.
+                    mandatory: false,
+                    persistent: false,
+                    properties: Some(properties),
+                };
+                (msg, None)
+            }
+            None => {
+                // STOMP's `persistent:true` (RabbitMQ's own convention)
+                // becomes AMQP delivery mode 2, so a durable backend queue
+                // keeps the message.
+                let persistent = p
+                    .headers
+                    .iter()
+                    .any(|(k, v)| k == "persistent" && v.eq_ignore_ascii_case("true"));
+                let mut headers = p.headers;
+                headers.push(("stomp-session".into(), self.session.id().to_owned()));
+                if let Some(user) = self.session.user() {
+                    headers.push(("stomp-user".into(), user.to_owned()));
+                }
+                headers.push(("stomp-destination".into(), p.destination));
+                let msg = OutboundMessage {
+                    exchange: self.shared.config.app.exchange.clone(),
+                    routing_key: p.routing_key,
+                    headers,
+                    content_type: p.content_type,
+                    message_id: None,
+                    body: p.body,
+                    mandatory: true,
+                    persistent,
+                    properties: None,
+                };
+                (msg, Some(self.shared.metrics.app_confirm_seconds.clone()))
+            }
         };
         let control = self.shared.control.clone();
-        let id = p.id;
-        let confirm = self.shared.metrics.app_confirm_seconds.clone();
         let seq = Sequence::next(self.publish_key, &mut self.last_publish);
         self.publishes.push(Box::pin(async move {
             let started = Instant::now();
             let result = control.publish_in(msg, seq).await;
-            confirm.observe(started.elapsed().as_secs_f64());
+            if let Some(confirm) = confirm {
+                confirm.observe(started.elapsed().as_secs_f64());
+            }
             (id, result)
         }));
     }

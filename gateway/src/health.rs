@@ -34,8 +34,7 @@ pub struct Health {
     /// The shared fan-out runs (relay mode with a `[fanout]` prefix
     /// `shared`): readiness needs its upstream too.
     shared_enabled: AtomicBool,
-    shared_up: AtomicBool,
-    /// The shared upstream's queue while it is up.
+    /// The shared upstream's queue while it is up (`None`: down).
     shared_queue: Mutex<Option<String>>,
 }
 
@@ -148,7 +147,10 @@ impl Health {
     /// was lost (`None`).
     pub fn set_shared_up(&self, queue: Option<&str>) {
         *lock(&self.shared_queue) = queue.map(str::to_owned);
-        self.shared_up.store(queue.is_some(), Ordering::SeqCst);
+    }
+
+    fn shared_up(&self) -> bool {
+        lock(&self.shared_queue).is_some()
     }
 
     /// `"embedded"` or `"relay"`.
@@ -208,8 +210,7 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         (self.system_link_up() || self.embedded.load(Ordering::SeqCst))
             && (!self.amqp_enabled() || self.amqp_up())
-            && (!self.shared_enabled.load(Ordering::SeqCst)
-                || self.shared_up.load(Ordering::SeqCst))
+            && (!self.shared_enabled.load(Ordering::SeqCst) || self.shared_up())
             && !self.is_shutting_down()
     }
 
@@ -240,7 +241,7 @@ impl Health {
             },
             "shared": {
                 "enabled": self.shared_enabled.load(Ordering::SeqCst),
-                "up": self.shared_up.load(Ordering::SeqCst),
+                "up": self.shared_up(),
                 "queue": lock(&self.shared_queue).clone(),
             },
             "active_sessions": self.active_sessions(),

@@ -126,13 +126,12 @@ impl Queue {
         }
     }
 
-    /// Marks the session as having lost shared messages; true the first time.
-    pub(crate) fn mark_lost(&self) -> bool {
-        let first = !self.lost.swap(true, Ordering::Relaxed);
-        if first {
+    /// Marks the session as having lost shared messages (wakes the driver
+    /// the first time).
+    pub(crate) fn mark_lost(&self) {
+        if !self.lost.swap(true, Ordering::Relaxed) {
             self.wake.notify_one();
         }
-        first
     }
 
     /// Whether [`Queue::mark_lost`] was called.

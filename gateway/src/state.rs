@@ -7,9 +7,9 @@
 use crate::admission::{Admission, Ticket};
 use crate::amqp::ControlPlane;
 use crate::broker_side::{BrokerSide, EmbeddedBrokerSide, TcpBrokerSide};
-use crate::config::{BrokerMode, Config, MessageType, UpstreamLoss};
+use crate::config::{BrokerMode, Config, MessageType};
 use crate::embedded::EmbeddedBroker;
-use crate::fanout::shared::{GapPolicy, SharedFanout};
+use crate::fanout::shared::SharedFanout;
 use crate::fanout::upstream::{PodUpstream, UpstreamSettings};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -153,13 +153,9 @@ impl Shared {
             EmbeddedBroker::new(outlet_limits, broker_limits, metrics.slow_consumers.clone())
         });
         let fanout = any_shared.then(|| {
-            let gap = match config.fanout.on_upstream_loss {
-                UpstreamLoss::Keep => GapPolicy::Keep,
-                UpstreamLoss::Close => GapPolicy::Close,
-            };
             let sink = SharedFanout::sink(
                 outlet_limits,
-                gap,
+                config.fanout.on_upstream_loss,
                 metrics.clone(),
                 health.clone(),
                 &settings.pod,

@@ -332,6 +332,15 @@ impl Default for FanoutConfig {
     }
 }
 
+impl UpstreamLoss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamLoss::Keep => "keep",
+            UpstreamLoss::Close => "close",
+        }
+    }
+}
+
 impl FanoutConfig {
     /// Whether any prefix is served by the shared path.
     pub fn any_shared(&self) -> bool {

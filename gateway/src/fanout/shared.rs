@@ -27,33 +27,24 @@
 //!
 //! Upstream loss: deliveries stop until the upstream reconnected and bound
 //! every live key again; messages published meanwhile are lost for this
-//! pod's subscribers. [`GapPolicy::Keep`] keeps the sessions and counts the
+//! pod's subscribers. [`UpstreamLoss::Keep`] keeps the sessions and counts the
 //! gap (`shared_upstream_gaps_total`, one log line);
-//! [`GapPolicy::Close`] closes every session holding a shared subscription
+//! [`UpstreamLoss::Close`] closes every session holding a shared subscription
 //! at the loss with an ERROR, so clients reconnect and resubscribe.
 
 use super::mapping::{self, KeyIndex};
 use super::upstream::{PodUpstream, Sink, UpstreamError, UpstreamStatus};
+use crate::config::UpstreamLoss;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::outlet::{Outlet, OutletLimits, Pushed};
 use bytes::BytesMut;
 use relay_core::hub::{Distribution, Hub, SessionKey, SharedMessage};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tracing::{info, warn};
-
-/// What happens to shared subscriptions when the upstream is lost
-/// (`fanout.on_upstream_loss`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GapPolicy {
-    /// Keep the sessions; they miss what was published during the gap.
-    Keep,
-    /// Close the sessions with shared subscriptions (ERROR, then 1011).
-    Close,
-}
 
 /// One shared subscription's upstream reference.
 #[derive(Debug)]
@@ -76,24 +67,22 @@ struct State {
     destination_of_key: HashMap<Arc<str>, Arc<str>>,
 }
 
-/// Counts of the shared path, for `/readyz`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedStats {
-    pub sessions: usize,
-    pub destinations: usize,
-    pub subscriptions: usize,
-    pub upstream: UpstreamStatus,
-}
-
 struct Inner {
     state: Mutex<State>,
     limits: OutletLimits,
-    gap: GapPolicy,
+    gap: UpstreamLoss,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     next_message: AtomicU64,
     /// Unique per process: message ids are `<prefix>-<n>`.
     id_prefix: String,
+}
+
+impl State {
+    /// The sessions holding at least one shared subscription.
+    fn subscribed_sessions(&self) -> BTreeSet<SessionKey> {
+        self.subs.keys().map(|(session, _)| *session).collect()
+    }
 }
 
 impl Inner {
@@ -131,7 +120,7 @@ impl SharedFanout {
     /// both.
     pub fn sink(
         limits: OutletLimits,
-        gap: GapPolicy,
+        gap: UpstreamLoss,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         pod: &str,
@@ -292,16 +281,6 @@ impl SharedFanout {
     pub fn upstream(&self) -> UpstreamStatus {
         self.upstream.status()
     }
-
-    pub fn stats(&self) -> SharedStats {
-        let st = self.inner.lock();
-        SharedStats {
-            sessions: st.outlets.len(),
-            destinations: st.hub.key_count(),
-            subscriptions: st.hub.subscription_count(),
-            upstream: self.upstream.status(),
-        }
-    }
 }
 
 /// A failed bind in words for the client's ERROR.
@@ -393,16 +372,13 @@ impl Sink for FanoutSink {
         let inner = &self.0;
         inner.metrics.shared_up.set(0);
         inner.health.set_shared_up(None);
-        if inner.gap == GapPolicy::Close {
+        if inner.gap == UpstreamLoss::Close {
             let st = inner.lock();
             let mut closed = 0u64;
-            let mut seen = std::collections::HashSet::new();
-            for (session, _) in st.subs.keys() {
-                if seen.insert(*session) {
-                    if let Some(o) = st.outlets.get(session) {
-                        o.mark_lost();
-                        closed += 1;
-                    }
+            for session in st.subscribed_sessions() {
+                if let Some(o) = st.outlets.get(&session) {
+                    o.mark_lost();
+                    closed += 1;
                 }
             }
             drop(st);
@@ -417,22 +393,13 @@ impl Sink for FanoutSink {
     fn upstream_restored(&self, gap: Duration) {
         let inner = &self.0;
         inner.metrics.shared_gaps.inc();
-        let sessions = {
-            let st = inner.lock();
-            let mut s: Vec<SessionKey> = st.subs.keys().map(|k| k.0).collect();
-            s.sort_unstable();
-            s.dedup();
-            s.len()
-        };
+        let sessions = inner.lock().subscribed_sessions().len();
         info!(
             gap_ms = gap.as_millis() as u64,
             sessions,
             "shared upstream restored after {} ms: messages published meanwhile were lost for {sessions} sessions with shared subscriptions (fanout.on_upstream_loss = \"{}\")",
             gap.as_millis(),
-            match inner.gap {
-                GapPolicy::Keep => "keep",
-                GapPolicy::Close => "close",
-            }
+            inner.gap.as_str()
         );
     }
 
